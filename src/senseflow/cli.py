@@ -1,0 +1,35 @@
+"""The ``senseflow`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from senseflow.config.loader import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from senseflow.demo import add_parser as add_demo
+    from senseflow.toy.cli import add_parser as add_toy
+
+    parser = argparse.ArgumentParser(
+        prog="senseflow", description="Distil text-to-image teachers into 4-step generators (SenseFlow)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_demo(sub)
+    add_toy(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"senseflow: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

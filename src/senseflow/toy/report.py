@@ -1,0 +1,146 @@
+"""``senseflow toy report-teacher``: the toy teacher's quality, measured and written as markdown.
+
+Rows: a second set of renders (the floor of the FID against renders), the teacher at its reference
+setting with two seed sets (the second gives the floor of FID-T, the FID to the teacher's own
+reference samples), and every other (steps, guidance) setting asked for, such as 4 Euler steps,
+the baseline a 4-step student must beat.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from senseflow.toy.evaluator import to_uint8
+from senseflow.toy.features import extract_features
+from senseflow.toy.pipeline import ToyTeacher
+from senseflow.toy.quality import PromptSet, QualityReport, measure, render_reference
+from senseflow.viz import labelled_rows, save_image
+
+SPLITS = ("train", "test", "heldout")
+SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's second sample set (FID-T floor)
+GRID_PROMPTS = 10
+
+
+def _teacher_generator(teacher: ToyTeacher, steps: int, guidance: float, seed_offset: int = 0):
+    def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        shifted = [s + seed_offset for s in seeds]
+        return to_uint8(teacher.sample(prompts, shifted, steps=steps, guidance=guidance))
+
+    return generate
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+
+
+def markdown_table(reports: list[QualityReport], n_images: int) -> str:
+    head = (
+        "| setting | all (%) | train | test | held-out | colour | shape | size | relation "
+        "| FID vs renders | FID-T | s / image |\n|" + "---|" * 12
+    )
+    lines = [head]
+    for r in reports:
+        acc = r.accuracy["all"]["overall"]
+        by_split = [_fmt(r.accuracy[split]["overall"]["all"]) for split in SPLITS]
+        attributes = [_fmt(acc[k]) for k in ("colour", "shape", "size", "relation")]
+        fids = [_fmt(r.fid.get(k), pct=False) for k in ("renders", "teacher")]
+        cells = [r.name, _fmt(acc["all"]), *by_split, *attributes, *fids, f"{r.seconds / n_images:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_teacher_report(
+    teacher_folder: str | Path | None,
+    per_split: int,
+    steps: list[int] | None,
+    guidance: list[float] | None,
+    out_markdown: Path,
+    seed: int = 0,
+) -> Path:
+    teacher = ToyTeacher(teacher_folder)
+    ref_steps, ref_guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
+    steps = steps or [ref_steps, 4]
+    guidance = guidance or [ref_guidance]
+    prompts = PromptSet.sample(SPLITS, per_split, seed=seed)
+    n = len(prompts.prompts)
+    references = {"renders": extract_features(render_reference(prompts.prompts, seed=seed + 1))}
+
+    reports: list[QualityReport] = []
+    grid_rows: dict[str, np.ndarray] = {}
+
+    def run(name: str, generate) -> None:
+        report, images = measure(name, generate, prompts, references)
+        reports.append(report)
+        grid_rows[name] = images
+        print(f"{name}: all {_fmt(report.accuracy['all']['overall']['all'])}% fid {report.fid}", flush=True)
+
+    run("rendered images (other placements)", lambda p, s: render_reference(p, seed=seed + 2 + s[0]))
+    ref_name = f"teacher {ref_steps} steps, CFG {ref_guidance}"
+    run(ref_name, _teacher_generator(teacher, ref_steps, ref_guidance))
+    references["teacher"] = extract_features(grid_rows[ref_name])
+    run(f"{ref_name}, other seeds", _teacher_generator(teacher, ref_steps, ref_guidance, SECOND_SEED_SET))
+    for s in steps:
+        for g in guidance:
+            if (s, g) != (ref_steps, ref_guidance):
+                run(f"teacher {s} steps, CFG {g}", _teacher_generator(teacher, s, g))
+
+    out_markdown = Path(out_markdown)
+    out_markdown.parent.mkdir(parents=True, exist_ok=True)
+    stem = out_markdown.with_suffix("")
+    pick = np.linspace(per_split, n - 1, GRID_PROMPTS).astype(int)  # test and held-out prompts
+    grid_names = [name for name in grid_rows if "other seeds" not in name]
+    grid = save_image(
+        labelled_rows([grid_rows[k][pick] for k in grid_names], [k.split(",")[0] for k in grid_names]),
+        stem.with_name(stem.name + "_grid.png"),
+    )
+    summary = json.loads((teacher.folder / "train_summary.json").read_text())
+    payload = {
+        "teacher": str(teacher.folder),
+        "train_summary": summary,
+        "prompts_per_split": per_split,
+        "seed": seed,
+        "reports": [
+            {"name": r.name, "seconds": r.seconds, "accuracy": r.accuracy, "fid": r.fid} for r in reports
+        ],
+        "software": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    grid_prompts = "\n".join(f"{i + 1}. {prompts.prompts[j]}" for i, j in enumerate(pick))
+    out_markdown.write_text(
+        f"""# Toy teacher: measured quality
+
+Teacher: `{teacher.folder.name}` — `SD3Transformer2DModel`, {summary["parameters"]:,} parameters, pixel space
+32x32, trained for {summary["steps"]} steps in {summary["train_seconds"] / 60:.1f} min on this machine's CPU
+(`senseflow toy train-teacher`, recipe in the teacher folder's `recipe.yaml`).
+
+{n} prompts ({per_split} each from the train, test and held-out splits; held-out prompts use
+colour-shape pairs never seen in training), one image per prompt, seed = prompt index. Accuracy is
+the rule-based evaluator's (`senseflow.toy.evaluator`): an image is correct ("all") when every prompted
+colour is found with the prompted shape and size and, for two objects, in the prompted relation.
+FIDs use the toy feature network (`senseflow.toy.features`) at N = {n}: against renders of the same
+prompts, and FID-T against the teacher's own {ref_steps}-step samples. The "other placements" and
+"other seeds" rows are the floors of those two FIDs at this N.
+
+{markdown_table(reports, n)}
+
+Grid (`{grid.name}`), one column per prompt, rows as labelled:
+
+{grid_prompts}
+
+![grid]({grid.name})
+
+Reproduce (about {sum(r.seconds for r in reports) / 60:.0f} min of sampling on 2 CPU cores):
+
+```
+senseflow toy report-teacher --per-split {per_split} --seed {seed}
+```
+"""
+    )
+    return out_markdown

@@ -1,0 +1,193 @@
+"""Training the shapes world's teacher: a small SD3 transformer trained with rectified flow.
+
+The teacher is a real ``diffusers.SD3Transformer2DModel`` working in pixel space (the toy world's
+"autoencoder" is the identity), trained with logit-normal timesteps as SD3 was, and with condition
+dropout so classifier-free guidance works. The output folder has the layout of a diffusers
+pipeline (``transformer/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``) plus the resolved
+recipe and the training log, and is loaded through the same ``from_pretrained`` calls as a real
+teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from senseflow.core.flow import FlowSchedule, add_noise
+from senseflow.core.timesteps import sample_logit_normal
+from senseflow.toy.data import ShapesBatches
+from senseflow.toy.render import IMAGE_SIZE
+from senseflow.toy.text import PromptEncoder, TextEncoderSpec, save_text_encoder
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherArch(_Strict):
+    """SD3Transformer2DModel hyperparameters (pixel space, 3 channels)."""
+
+    patch_size: int = Field(2, ge=1, description="Patch size; 32x32 images give (32/p)^2 tokens.")
+    num_layers: int = Field(4, ge=1, description="Number of joint transformer blocks.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
+    attention_head_dim: int = Field(24, ge=1, description="Width of one head; hidden = heads x head_dim.")
+
+
+class TextArch(_Strict):
+    """The frozen seeded text encoder (see senseflow.toy.text)."""
+
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_length: int = Field(16, ge=4, description="Token sequence length (longest prompt is 14 tokens).")
+    seed: int = Field(0, description="Seed of the encoder's random initialisation.")
+
+
+class TeacherTraining(_Strict):
+    steps: int = Field(4000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * min_lr_ratio.")
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of weights; the EMA is what ships.")
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="Probability of training on the empty prompt.")
+    single_object_fraction: float = Field(
+        0.2, ge=0, le=1, description="Share of one-object scenes in a batch (they are 36 of 2,733 prompts)."
+    )
+    timestep_mean: float = Field(0.0, description="Logit-normal mean of sigma (SD3 uses 0).")
+    timestep_std: float = Field(1.0, gt=0, description="Logit-normal std of sigma (SD3 uses 1).")
+    log_every: int = Field(50, ge=1)
+
+
+class SamplingDefaults(_Strict):
+    """How the teacher is sampled when a command is not told otherwise (chosen by a guidance sweep)."""
+
+    steps: int = Field(50, ge=1, description="Euler steps of the reference teacher sampler.")
+    guidance: float = Field(3.0, ge=0, description="Classifier-free guidance scale (u + w(c - u)).")
+
+
+class ToyTeacherConfig(_Strict):
+    """Recipe of ``senseflow toy train-teacher``."""
+
+    seed: int = 0
+    shift: float = Field(1.0, gt=0, description="Flow shift of the teacher's scheduler (1: none).")
+    arch: TeacherArch = TeacherArch()
+    text: TextArch = TextArch()
+    train: TeacherTraining = TeacherTraining()
+    sampling: SamplingDefaults = SamplingDefaults()
+
+
+def build_transformer(cfg: ToyTeacherConfig) -> SD3Transformer2DModel:
+    a = cfg.arch
+    hidden = a.num_attention_heads * a.attention_head_dim
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE,
+        patch_size=a.patch_size,
+        in_channels=3,
+        out_channels=3,
+        num_layers=a.num_layers,
+        attention_head_dim=a.attention_head_dim,
+        num_attention_heads=a.num_attention_heads,
+        joint_attention_dim=cfg.text.hidden_size,
+        caption_projection_dim=hidden,
+        pooled_projection_dim=cfg.text.hidden_size,
+        pos_embed_max_size=IMAGE_SIZE // a.patch_size,
+    )
+
+
+def _lr_factor(step: int, t: TeacherTraining) -> float:
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_teacher(cfg: ToyTeacherConfig, out_dir: Path, progress: bool = True) -> Path:
+    """Train the toy teacher and write a pipeline-layout folder to ``out_dir``; returns it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    text_spec = TextEncoderSpec(
+        hidden_size=cfg.text.hidden_size,
+        intermediate_size=2 * cfg.text.hidden_size,
+        num_layers=cfg.text.num_layers,
+        num_heads=cfg.text.num_heads,
+        max_length=cfg.text.max_length,
+        projection_dim=cfg.text.hidden_size,
+        seed=cfg.text.seed,
+    )
+    save_text_encoder(text_spec, out_dir)
+    encoder = PromptEncoder(out_dir)
+    schedule = FlowSchedule(shift=cfg.shift)
+    FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=schedule.num_train_timesteps, shift=cfg.shift
+    ).save_pretrained(out_dir / "scheduler")
+    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    torch.manual_seed(cfg.seed)
+    model = build_transformer(cfg).train()
+    ema = build_transformer(cfg).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, t))
+    data = ShapesBatches(
+        "train", t.batch_size, seed=cfg.seed, single_object_fraction=t.single_object_fraction
+    )
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    drop_rng = np.random.default_rng(cfg.seed + 2)
+
+    log = (out_dir / "train_log.jsonl").open("w")
+    start = time.perf_counter()
+    bar = tqdm(range(t.steps), desc="teacher", disable=not progress)
+    for step in bar:
+        images, prompts = next(data)
+        prompts = ["" if drop_rng.random() < t.cond_dropout else p for p in prompts]
+        tokens, pooled = encoder(prompts)
+        sigma = sample_logit_normal(len(prompts), t.timestep_mean, t.timestep_std, generator=gen)
+        noise = torch.randn(images.shape, generator=gen)
+        x_t = add_noise(images, noise, sigma)
+        v = model(
+            hidden_states=x_t,
+            encoder_hidden_states=tokens,
+            pooled_projections=pooled,
+            timestep=schedule.model_timestep(sigma),
+            return_dict=False,
+        )[0]
+        loss = torch.nn.functional.mse_loss(v, noise - images)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        decay = min(t.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        if step % t.log_every == 0 or step == t.steps - 1:
+            rec = {
+                "step": step,
+                "loss": loss.item(),
+                "grad_norm": grad_norm.item(),
+                "lr": sched.get_last_lr()[0],
+                "elapsed_s": round(time.perf_counter() - start, 2),
+            }
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+    log.close()
+    ema.save_pretrained(out_dir / "transformer")
+    summary = {"train_seconds": round(time.perf_counter() - start, 1), "steps": t.steps}
+    summary["parameters"] = sum(p.numel() for p in ema.parameters())
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return out_dir

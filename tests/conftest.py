@@ -1,0 +1,21 @@
+"""Shared fixtures: a tiny toy teacher trained for a few steps, built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from senseflow.toy.teacher import TeacherArch, TeacherTraining, TextArch, ToyTeacherConfig, train_teacher
+
+TINY_TEACHER = ToyTeacherConfig(
+    arch=TeacherArch(num_layers=1, num_attention_heads=2, attention_head_dim=8),
+    text=TextArch(hidden_size=16, num_layers=1, num_heads=2),
+    train=TeacherTraining(steps=3, batch_size=4, warmup_steps=1, log_every=1),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A pipeline-layout teacher folder from a 3-step training run of a tiny config."""
+    torch.set_num_threads(1)
+    return train_teacher(TINY_TEACHER, tmp_path_factory.mktemp("tiny_teacher"), progress=False)
