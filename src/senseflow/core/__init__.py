@@ -3,6 +3,7 @@
 * :mod:`senseflow.core.flow` — rectified flow (SD3.5, FLUX, toy teacher).
 * :mod:`senseflow.core.ddpm` — variance-preserving DDPM (SDXL).
 * :mod:`senseflow.core.timesteps` — training-time sampling and student anchor grids.
+* :mod:`senseflow.core.parameterisation` — one interface over both families (no family branches).
 """
 
 from senseflow.core.ddpm import BetaSchedule, DDPMSchedule, PredictionType
@@ -18,6 +19,12 @@ from senseflow.core.flow import (
     velocity_from,
     x0_from_velocity,
 )
+from senseflow.core.parameterisation import (
+    DDPMParameterisation,
+    FlowGrid,
+    FlowParameterisation,
+    Parameterisation,
+)
 from senseflow.core.timesteps import (
     Anchors,
     ddpm_anchors,
@@ -31,8 +38,12 @@ from senseflow.core.timesteps import (
 __all__ = [
     "Anchors",
     "BetaSchedule",
+    "DDPMParameterisation",
     "DDPMSchedule",
+    "FlowGrid",
+    "FlowParameterisation",
     "FlowSchedule",
+    "Parameterisation",
     "PredictionType",
     "add_noise",
     "ddpm_anchors",

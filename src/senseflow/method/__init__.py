@@ -1,0 +1,52 @@
+"""The SenseFlow method as small pure functions, separate from the networks (spec §2-8).
+
+Networks enter only as callables ``fn(x, level)``; family differences are carried by a
+:class:`senseflow.core.Parameterisation`. Hyperparameters are arguments taken from the recipe.
+
+* :mod:`~senseflow.method.dmd` — DMD loss, level and guidance draws (§3).
+* :mod:`~senseflow.method.fake_score` — fake-score denoising loss (§4).
+* :mod:`~senseflow.method.ida` — implicit distribution alignment (§5).
+* :mod:`~senseflow.method.isg` — intra-segment guidance (§6).
+* :mod:`~senseflow.method.backward_sim` — backward simulation and student samplers (§7).
+* :mod:`~senseflow.method.gan` — GAN losses and time weights (§8).
+"""
+
+from senseflow.method.backward_sim import X0Fn, as_x0_fn, backward_simulate, student_sample
+from senseflow.method.dmd import DMDOutput, dmd_loss, draw_guidance, sample_levels
+from senseflow.method.fake_score import fake_score_loss
+from senseflow.method.gan import (
+    TimeWeight,
+    hinge_d_loss,
+    hinge_g_loss,
+    nonsaturating_d_loss,
+    nonsaturating_g_loss,
+    time_weight,
+)
+from senseflow.method.ida import check_ida_compatible, ida_update_
+from senseflow.method.isg import ISGTargets, OutputFn, isg_loss, isg_targets, isg_x0_targets, sample_t_mid
+
+__all__ = [
+    "DMDOutput",
+    "ISGTargets",
+    "OutputFn",
+    "TimeWeight",
+    "X0Fn",
+    "as_x0_fn",
+    "backward_simulate",
+    "check_ida_compatible",
+    "dmd_loss",
+    "draw_guidance",
+    "fake_score_loss",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "ida_update_",
+    "isg_loss",
+    "isg_targets",
+    "isg_x0_targets",
+    "nonsaturating_d_loss",
+    "nonsaturating_g_loss",
+    "sample_levels",
+    "sample_t_mid",
+    "student_sample",
+    "time_weight",
+]

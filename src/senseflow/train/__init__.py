@@ -1,0 +1,1 @@
+"""Training: the generic distillation loop and its separate steps (checkpointing, parallelism)."""

@@ -1,0 +1,123 @@
+"""Atomic, self-contained training checkpoints.
+
+A checkpoint is a folder ``step-XXXXXXXX/`` holding one safetensors file per trainable network,
+``state.pt`` (optimiser and scheduler states, counters, RNG states, data position) and the
+resolved config. It is written under a temporary name and renamed into place only when complete,
+so a crash during a save leaves the previous checkpoint as the latest loadable one; ``meta.json``
+is written last inside the temporary folder and marks completeness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+TMP_SUFFIX = ".partial"
+META = "meta.json"
+STATE = "state.pt"
+CONFIG = "config.yaml"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; clone contiguous copies (small next to a training step).
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` as (step, path), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and (child / META).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    modules: Mapping[str, nn.Module],
+    state: dict[str, Any],
+    config_text: str,
+    keep_last: int,
+) -> Path:
+    """Write a complete checkpoint atomically, then prune to the newest ``keep_last``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / (final.name + TMP_SUFFIX)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, module in modules.items():
+        save_file(_module_tensors(module), str(tmp / f"{name}.safetensors"))
+    torch.save(state, tmp / STATE)
+    (tmp / CONFIG).write_text(config_text)
+    meta = {"step": step, "modules": sorted(modules), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step: move the old one aside, then drop it
+        old = root / (final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    for _, path in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(path)
+    return final
+
+
+def load_checkpoint(path: Path, modules: Mapping[str, nn.Module]) -> dict[str, Any]:
+    """Load network weights into ``modules`` (strictly) and return the saved training state."""
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META}); choose another one")
+    meta = json.loads((path / META).read_text())
+    missing = sorted(set(modules) - set(meta["modules"]))
+    if missing:
+        raise ValueError(f"checkpoint {path} has no weights for {missing} (it holds {meta['modules']})")
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+    return torch.load(path / STATE, weights_only=False)
+
+
+def clean_partial(root: Path) -> list[Path]:
+    """Remove folders left by saves that were interrupted; returns what was removed."""
+    removed = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.endswith((TMP_SUFFIX, ".old")):
+                shutil.rmtree(child)
+                removed.append(child)
+    return removed
