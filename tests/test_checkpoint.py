@@ -27,7 +27,9 @@ def test_round_trip_and_pruning(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     opt2 = torch.optim.AdamW(other.parameters())
     opt2.load_state_dict(state["opt"])
-    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    torch.testing.assert_close(
+        opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
     assert (ckpt.latest_checkpoint(tmp_path) / "config.yaml").read_text() == "a: 1\n"
 
 

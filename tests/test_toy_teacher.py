@@ -87,7 +87,9 @@ def test_guidance_conventions():
     c, u = torch.tensor([3.0]), torch.tensor([1.0])
     assert combine_guidance(c, u, 1.0, "uncond_plus").item() == 3.0
     assert combine_guidance(c, u, 4.0, "uncond_plus").item() == 1.0 + 4 * 2
-    assert combine_guidance(c, u, 3.0, "cond_plus").item() == combine_guidance(c, u, 4.0, "uncond_plus").item()
+    assert (
+        combine_guidance(c, u, 3.0, "cond_plus").item() == combine_guidance(c, u, 4.0, "uncond_plus").item()
+    )
     with pytest.raises(ValueError, match="convention"):
         combine_guidance(c, u, 1.0, "other")
 
@@ -100,7 +102,9 @@ def test_euler_with_oracle_velocity_recovers_data():
 
 
 def test_missing_teacher_folder_is_a_clear_error(tmp_path, capsys):
-    assert main(["toy", "sample", "--teacher", str(tmp_path), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(["toy", "sample", "--teacher", str(tmp_path), "--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+    )
     err = capsys.readouterr().err
     assert "transformer" in err and str(tmp_path) in err
 
@@ -115,7 +119,9 @@ def test_cli_sample_writes_grid(tiny_teacher_dir, tmp_path, capsys):
 
 
 def test_cli_bad_prompt_and_bad_override(tiny_teacher_dir, tmp_path, capsys):
-    code = main(["toy", "sample", "--teacher", str(tiny_teacher_dir), "--prompt", "a pink cat", "--steps", "1"])
+    code = main(
+        ["toy", "sample", "--teacher", str(tiny_teacher_dir), "--prompt", "a pink cat", "--steps", "1"]
+    )
     assert code == 2 and "grammar" in capsys.readouterr().err
     recipe = tiny_teacher_dir / "recipe.yaml"
     code = main(["toy", "train-teacher", "--config", str(recipe), "--out", str(tmp_path), "train.stepz=1"])

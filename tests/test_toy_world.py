@@ -35,7 +35,7 @@ def test_prompt_text():
     "bad", ["a red circle", "a small pink circle", "a small red circle near a large blue square", ""]
 )
 def test_parse_rejects_prompts_outside_grammar(bad):
-    with pytest.raises(ValueError, match="grammar|cannot parse|unknown"):
+    with pytest.raises(ValueError, match=r"grammar|cannot parse|unknown"):
         parse_prompt(bad)
 
 
