@@ -11,12 +11,14 @@ from senseflow.config.loader import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     from senseflow.demo import add_parser as add_demo
     from senseflow.toy.cli import add_parser as add_toy
+    from senseflow.train.cli import add_parser as add_train
 
     parser = argparse.ArgumentParser(
         prog="senseflow", description="Distil text-to-image teachers into 4-step generators (SenseFlow)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo(sub)
+    add_train(sub)
     add_toy(sub)
     return parser
 

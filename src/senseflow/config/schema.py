@@ -773,6 +773,25 @@ class CheckpointConfig(_Section):
         return _check_existing_path(value, "resume checkpoint")
 
 
+class HealthConfig(_Section):
+    """Training-health alarms (project defaults; no peer ships them)."""
+
+    nan_patience: PositiveInt = Field(
+        default=5,
+        description="Abort after this many consecutive iterations with a non-finite loss (each is skipped).",
+    )
+    collapse_std: NonNegativeFloat = Field(
+        default=0.02,
+        description=(
+            "Warn of collapse when the generated batch's per-pixel std across samples, averaged, falls "
+            "below this (images in [-1, 1]): near-identical outputs for different prompts and noise."
+        ),
+    )
+    saturation_level: float = Field(
+        default=0.98, gt=0.0, le=1.0, description="|pixel| at or above this counts as saturated."
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # root
 # --------------------------------------------------------------------------------------------------
@@ -799,6 +818,7 @@ class DistillConfig(_Section):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoints and resume."
     )
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Health signals and alarms.")
 
     @model_validator(mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from senseflow.core.parameterisation import Parameterisation
 
-__all__ = ["X0Fn", "as_x0_fn", "backward_simulate", "student_sample"]
+__all__ = ["NoiseSource", "X0Fn", "as_x0_fn", "backward_simulate", "student_sample"]
 
 X0Fn = Callable[[Tensor, Tensor], Tensor]
 """``fn(x_t, level) -> x̂0``."""
@@ -30,7 +30,14 @@ def as_x0_fn(output_fn: Callable[[Tensor, Tensor], Tensor], param: Parameterisat
     return x0_fn
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+NoiseSource = torch.Generator | Callable[[Tensor], Tensor] | None
+"""Where fresh noise comes from: a torch generator, or a function returning noise shaped like its
+argument (the trainer pre-draws noise for the global batch so results do not depend on world size)."""
+
+
+def _randn_like(x: Tensor, generator: NoiseSource) -> Tensor:
+    if callable(generator) and not isinstance(generator, torch.Generator):
+        return generator(x)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
@@ -45,7 +52,7 @@ def backward_simulate(
     anchor_levels: Tensor,
     j: int | Tensor,
     param: Parameterisation,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
 ) -> Tensor:
     """G's own sample at anchor a_j: from ``noise`` at a_0, predict x̂0 and re-noise with fresh ε.
 
@@ -75,7 +82,7 @@ def student_sample(
     anchor_levels: Tensor,
     param: Parameterisation,
     mode: Literal["renoise", "euler"],
-    generator: torch.Generator | None = None,
+    generator: NoiseSource = None,
 ) -> Tensor:
     """K-step sample (1 NFE per anchor, CFG-free) starting from ``noise`` at a_0; returns x̂0.
 

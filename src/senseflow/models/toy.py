@@ -1,0 +1,93 @@
+"""Adapter for the shapes world's teacher: an SD3 transformer in pixel space with CFG.
+
+It is the SD3 family's calling convention (``hidden_states``, ``encoder_hidden_states``,
+``pooled_projections``, ``timestep = σ·1000``) with the identity as autoencoder and the toy text
+encoder; generator and fake score are deep copies of the teacher, as SenseFlow initialises both
+from the teacher's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from torch import Tensor, nn
+
+from senseflow.config.schema import AnchorsConfig
+from senseflow.core.flow import FlowSchedule
+from senseflow.core.parameterisation import FlowParameterisation
+from senseflow.core.timesteps import (
+    Anchors,
+    flow_anchors_from_indices,
+    flow_anchors_from_sigmas,
+    flow_anchors_from_t,
+)
+from senseflow.models.adapter import Conditioning, FamilyAdapter, Networks
+from senseflow.sampling import CfgConvention
+from senseflow.toy.pipeline import REQUIRED_SUBFOLDERS, shipped_teacher_path
+from senseflow.toy.text import PromptEncoder
+
+
+def flow_anchors(cfg: AnchorsConfig, schedule: FlowSchedule) -> Anchors:
+    """Anchors of a flow teacher from a recipe: pre-shift t, σ, or indices into the flipped table."""
+    if cfg.units == "t":
+        return flow_anchors_from_t(cfg.values, schedule)
+    if cfg.units == "sigma":
+        return flow_anchors_from_sigmas(cfg.values, schedule)
+    if cfg.units == "index":
+        return flow_anchors_from_indices([int(v) for v in cfg.values], schedule)
+    raise ValueError(f"model.anchors.units {cfg.units!r} is not a flow unit (t, sigma or index)")
+
+
+class ToyAdapter(FamilyAdapter):
+    guidance_kind = "cfg"
+
+    def __init__(self, teacher: str | Path | None, anchors: AnchorsConfig, cfg_convention: CfgConvention):
+        self.folder = Path(teacher) if teacher is not None else shipped_teacher_path()
+        missing = [s for s in REQUIRED_SUBFOLDERS if not (self.folder / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"model.teacher: {self.folder} lacks {', '.join(missing)}/")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.folder, subfolder="scheduler")
+        self.schedule = FlowSchedule(
+            num_train_timesteps=scheduler.config.num_train_timesteps, shift=scheduler.config.shift
+        )
+        self.param = FlowParameterisation(
+            self.schedule, grid="sigma" if anchors.units == "sigma" else "table"
+        )
+        self.anchors = flow_anchors(anchors, self.schedule)
+        self.cfg_convention = cfg_convention
+        self.encoder = PromptEncoder(self.folder)
+        self._null: Conditioning | None = None
+
+    def build_networks(self) -> Networks:
+        teacher = SD3Transformer2DModel.from_pretrained(self.folder, subfolder="transformer")
+        teacher.eval().requires_grad_(False)
+        generator = copy.deepcopy(teacher).train().requires_grad_(True)
+        fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+        return Networks(teacher=teacher, generator=generator, fake_score=fake_score)
+
+    def sample_shape(self, resolution: int) -> tuple[int, ...]:
+        return (3, resolution, resolution)
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        tokens, pooled = self.encoder(prompts)
+        return Conditioning({"tokens": tokens, "pooled": pooled})
+
+    def null_conditioning(self, n: int) -> Conditioning:
+        if self._null is None:
+            self._null = self.encode_prompts([""])
+        return Conditioning({k: v.expand(n, *v.shape[1:]) for k, v in self._null.tensors.items()})
+
+    def predict(
+        self, net: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor | None = None
+    ) -> Tensor:
+        if guidance is not None:
+            raise ValueError("the toy teacher has no guidance embedding; use guidance_kind 'cfg'")
+        return net(
+            hidden_states=x_t,
+            encoder_hidden_states=cond.tensors["tokens"],
+            pooled_projections=cond.tensors["pooled"],
+            timestep=self.param.model_timestep(level),
+            return_dict=False,
+        )[0]

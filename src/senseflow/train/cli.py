@@ -1,0 +1,46 @@
+"""``senseflow train RECIPE [overrides]``: one process, or one per rank under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from senseflow.config import load_config
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPU); no-op otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from senseflow.train.trainer import Distiller
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("checkpoint.resume=latest")
+    cfg = load_config(args.recipe, overrides)
+    init_distributed()
+    try:
+        logs = Distiller(cfg, progress=not args.quiet).run()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"done: {cfg.schedule.iterations} iterations in {cfg.output_dir}; last log {logs}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="distil a teacher with a recipe (torchrun for several ranks)")
+    p.add_argument("recipe", help="recipe YAML, e.g. configs/toy/distill.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.generator.lr=1e-6")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)

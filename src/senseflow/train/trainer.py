@@ -1,0 +1,334 @@
+"""The one distillation loop for every teacher family (spec §2).
+
+Per iteration: draw the anchor and the input (backward simulation or forward-noised data), run the
+generator, and every ``ttur_ratio`` iterations update it with DMD + GAN + ISG and then apply IDA;
+then update the fake score and the discriminator on the generator's (pre-update) output. Family
+differences live in the adapter; hyperparameters come from the recipe; all randomness of an
+iteration comes from ``draws.draw_step`` so that resume and world size change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from senseflow.config.loader import dump_config, save_resolved
+from senseflow.config.schema import DistillConfig, OptimizerConfig
+from senseflow.method import (
+    as_x0_fn,
+    backward_simulate,
+    check_ida_compatible,
+    dmd_loss,
+    fake_score_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    ida_update_,
+    isg_loss,
+    isg_targets,
+    isg_x0_targets,
+    nonsaturating_d_loss,
+    nonsaturating_g_loss,
+    time_weight,
+)
+from senseflow.models import build_adapter
+from senseflow.models.adapter import Conditioning
+from senseflow.models.discriminators import build_discriminator
+from senseflow.train import checkpoint as ckpt
+from senseflow.train.data import build_data
+from senseflow.train.draws import StepDraws, draw_step
+from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
+from senseflow.train.samples import save_sample_grid
+
+
+def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError(
+                "optim.*.name 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)"
+            ) from exc
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+class Distiller:
+    def __init__(self, cfg: DistillConfig, progress: bool = True):
+        self.cfg = cfg
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.progress = progress and self.rank == 0
+        self.run_dir = Path(cfg.output_dir)
+        self.adapter = build_adapter(cfg)
+        self.param = self.adapter.param
+        nets = self.adapter.build_networks()
+        if cfg.method.ida.enabled:
+            check_ida_compatible(nets.fake_score, nets.generator)
+        self.teacher, self.generator, self.fake_score = nets.teacher, nets.generator, nets.fake_score
+        torch.manual_seed(cfg.seed)  # new parameters (discriminator heads) start alike on every rank and run
+        self.discriminator = build_discriminator(cfg.method.gan.type, self.adapter)
+        wrap = self.adapter.parallelize
+        strategy = cfg.parallel.strategy
+        self.generator_ddp = wrap(self.generator, strategy)
+        self.fake_ddp = wrap(self.fake_score, strategy)
+        o = cfg.optim
+        self.optimizers = {
+            "generator": _optimizer(self.generator.parameters(), o.generator),
+            "fake_score": _optimizer(self.fake_score.parameters(), o.fake),
+        }
+        clips = {"generator": o.generator.clip_grad, "fake_score": o.fake.clip_grad}
+        if self.discriminator is not None:
+            self.disc_ddp = wrap(self.discriminator, strategy)
+            self.optimizers["discriminator"] = _optimizer(
+                self.discriminator.trainable_parameters(), o.discriminator
+            )
+            clips["discriminator"] = o.discriminator.clip_grad
+        self.clips = clips
+        warm, start = o.warmup_steps, o.warmup_start_factor
+        self.schedulers = {
+            k: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: start + (1 - start) * min(1.0, (s + 1) / warm) if warm else 1.0
+            )
+            for k, opt in self.optimizers.items()
+        }
+        self.anchor_levels = self.param.anchor_levels(self.adapter.anchors)
+        self.levels = torch.cat([self.anchor_levels, self.param.clean_level(1)])  # a_0 .. a_{K-1}, clean
+        self.batch = cfg.data.batch_size
+        self.data = build_data(cfg, global_batch=self.batch * self.world)
+        self.guard = NonFiniteGuard(cfg.health.nan_patience)
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ pieces of one iteration
+
+    def _output_fn(self, net, cond: Conditioning):
+        return lambda x, level: self.adapter.predict(net, x, level, cond)
+
+    def _teacher_fn(self, cond: Conditioning, guidance: Tensor):
+        return lambda x, level: self.adapter.guided_predict(self.teacher, x, level, cond, guidance)
+
+    def _input(self, x_real: Tensor, d: StepDraws, cond: Conditioning) -> Tensor:
+        level_j = self.levels[d.anchor_index]
+        noised = self.param.add_noise(x_real, d.input_noise, level_j)
+        if not bool(d.simulate.any()):
+            return noised
+        steps = iter(d.simulation_noise)
+        simulated = backward_simulate(
+            as_x0_fn(self._output_fn(self.generator, cond), self.param),
+            d.input_noise,
+            self.anchor_levels,
+            torch.where(d.simulate, d.anchor_index, 0),
+            self.param,
+            generator=lambda like: next(steps).to(like),
+        )
+        return torch.where(d.simulate.view(-1, *[1] * (x_real.ndim - 1)), simulated, noised)
+
+    def _gan_weights(self, level_j: Tensor) -> Tensor:
+        return time_weight(self.cfg.method.gan.time_weight or "constant", level_j, self.param)
+
+    def _generator_losses(self, x_in, out_in, x0, d: StepDraws, cond) -> tuple[Tensor, dict]:
+        m, p = self.cfg.method, self.param
+        x_t = p.add_noise(x0, d.dmd_noise, d.dmd_level).detach()
+        with torch.no_grad():
+            x0_fake = p.x0_from_output(
+                x_t, self.adapter.predict(self.fake_score, x_t, d.dmd_level, cond), d.dmd_level
+            )
+            real_out = self.adapter.guided_predict(self.teacher, x_t, d.dmd_level, cond, d.dmd_guidance)
+            x0_real = p.x0_from_output(x_t, real_out, d.dmd_level)
+        dmd = dmd_loss(x0, x0_fake, x0_real)
+        total, logs = (
+            dmd.loss,
+            {"loss_dmd": dmd.loss.item(), **{f"dmd_{k}": v.item() for k, v in dmd.stats.items()}},
+        )
+        level_j, level_next = self.levels[d.anchor_index], self.levels[d.anchor_index + 1]
+        if self.discriminator is not None and m.gan.weight:
+            # The unwrapped discriminator: its parameter gradients from this loss are discarded.
+            logits = self.discriminator(self.adapter.decode(x0), cond)
+            g_loss = hinge_g_loss if m.gan.type != "dmd2_head" else nonsaturating_g_loss
+            adv = g_loss(logits, self._gan_weights(level_j))
+            total = total + m.gan.weight * adv
+            logs["loss_adv"] = adv.item()
+        if m.isg.weight > 0:
+            teacher = self._teacher_fn(cond, d.isg_guidance)
+            if self.param.kind == "ddpm" and m.isg.sdxl_mode == "official":
+                t = isg_x0_targets(x_in, level_j, level_next, teacher, out_in, p)
+            else:
+                student = self._output_fn(self.generator, cond)
+                level_mid = p.level_from_grid(d.isg_mid_grid)
+                t = isg_targets(x_in, level_j, level_next, level_mid, teacher, student, out_in, p)
+            isg = isg_loss(t.x_direct, t.x_target, m.isg.loss, m.isg.charbonnier_eps)
+            total = total + m.isg.weight * isg
+            logs["loss_isg"] = isg.item()
+        return total, logs
+
+    def _step(self, name: str, loss: Tensor, module_params) -> None:
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clips[name] is not None:
+            torch.nn.utils.clip_grad_norm_(module_params, self.clips[name])
+        opt.step()
+        self.schedulers[name].step()
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration (spec §2); returns its logged scalars."""
+        cfg, p, n = self.cfg, self.param, self.iteration
+        images, prompts = self.data.batch(n)
+        lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
+        images, prompts = images[lo:hi], prompts[lo:hi]
+        x_real = self.adapter.encode_images(images)
+        d = draw_step(
+            cfg.method,
+            p,
+            self.anchor_levels,
+            tuple(x_real.shape[1:]),
+            self.batch * self.world,
+            self.batch,
+            cfg.seed,
+            n,
+        ).slice(lo, hi)
+        cond = self.adapter.encode_prompts(prompts)
+        x_in = self._input(x_real, d, cond)
+        level_j = self.levels[d.anchor_index]
+        generator_turn = n % cfg.method.ttur_ratio == 0
+        with torch.set_grad_enabled(generator_turn):
+            out_in = self.adapter.predict(
+                self.generator_ddp if generator_turn else self.generator, x_in, level_j, cond
+            )
+            x0 = p.x0_from_output(x_in, out_in, level_j)
+        logs: dict[str, float] = {"iteration": n, "generator_turn": float(generator_turn)}
+        losses: dict[str, Tensor] = {}
+        if generator_turn:
+            total, more = self._generator_losses(x_in, out_in, x0, d, cond)
+            logs.update(more)
+            losses["generator"] = total
+            if not non_finite({"generator": total}):
+                self._step("generator", total, self.generator.parameters())
+                if cfg.method.ida.enabled:
+                    ida_update_(
+                        self.fake_score, self.generator, cfg.method.ida.lam, cfg.method.ida.update_dtype
+                    )
+        x0 = x0.detach()
+        x_t = p.add_noise(x0, d.fake_noise, d.fake_level)
+        fake = fake_score_loss(
+            p, self.adapter.predict(self.fake_ddp, x_t, d.fake_level, cond), x0, d.fake_noise, d.fake_level
+        )
+        losses["fake_score"] = fake
+        logs["loss_fake"] = fake.item()
+        if not non_finite({"fake": fake}):
+            self._step("fake_score", fake, self.fake_score.parameters())
+        decoded = self.adapter.decode(x0)
+        if self.discriminator is not None:
+            logs.update(self._discriminator_step(images, decoded, cond, level_j, losses))
+        logs.update(image_stats(decoded, cfg.health))
+        self.guard.end_iteration(non_finite(losses), n)
+        self.iteration += 1
+        return logs
+
+    def _discriminator_step(self, images, decoded, cond, level_j, losses) -> dict[str, float]:
+        gan = self.cfg.method.gan
+        # One forward over real and fake together: DDP pairs each forward with one backward.
+        logits = self.disc_ddp(torch.cat([images, decoded]), cond.cat(cond))
+        real_logits, fake_logits = logits.chunk(2)
+        d_loss = hinge_d_loss if gan.type != "dmd2_head" else nonsaturating_d_loss
+        loss = gan.disc_weight * d_loss(real_logits, fake_logits, self._gan_weights(level_j))
+        losses["discriminator"] = loss
+        if not non_finite({"d": loss}):
+            self._step("discriminator", loss, self.discriminator.trainable_parameters())
+        return {
+            "loss_disc": loss.item(),
+            "disc_real_acc": (real_logits > 0).float().mean().item(),
+            "disc_fake_acc": (fake_logits < 0).float().mean().item(),
+        }
+
+    # ------------------------------------------------------------------ state, checkpoints, loop
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"generator": self.generator, "fake_score": self.fake_score}
+        if self.discriminator is not None:
+            mods["discriminator"] = self.discriminator
+        return mods
+
+    def training_state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "guard": self.guard.state_dict(),
+            "world_size": self.world,
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.rank == 0:
+            path = ckpt.save_checkpoint(
+                self.run_dir / "checkpoints",
+                self.iteration,
+                self.modules(),
+                self.training_state(),
+                dump_config(self.cfg),
+                self.cfg.checkpoint.keep_last,
+            )
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.modules())
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        for k, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][k])
+        self.guard.load_state_dict(state["guard"])
+        self.iteration = state["iteration"]
+
+    def _resume_target(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        if resume is None:
+            return None
+        if resume == "latest":
+            return ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        return Path(resume)
+
+    def run(self) -> dict[str, float]:
+        """Train to ``schedule.iterations``, logging, sampling and checkpointing on the way."""
+        cfg = self.cfg
+        target = self._resume_target()
+        if target is not None:
+            self.resume(target)
+        if self.rank == 0:
+            ckpt.clean_partial(self.run_dir / "checkpoints")
+            save_resolved(cfg, self.run_dir / "config.yaml")
+        log_path = self.run_dir / "log.jsonl"
+        log = log_path.open("a") if self.rank == 0 else None
+        total = cfg.schedule.iterations
+        bar = tqdm(total=total, initial=self.iteration, desc="distill", disable=not self.progress)
+        logs: dict[str, float] = {}
+        start = time.perf_counter()
+        while self.iteration < total:
+            logs = self.train_step()
+            n = self.iteration
+            alarm = collapse_alarm(logs, cfg.health)
+            if log is not None and (n % cfg.logging.every == 0 or n == total or alarm):
+                logs["seconds"] = round(time.perf_counter() - start, 3)
+                logs["alarm"] = alarm
+                log.write(json.dumps(logs) + "\n")
+                log.flush()
+            if alarm and self.progress:
+                tqdm.write(f"iteration {n}: {alarm}")
+            if cfg.logging.sample_every and n % cfg.logging.sample_every == 0 and self.rank == 0:
+                save_sample_grid(self, self.run_dir / "samples" / f"step-{n:08d}.png")
+            if n % cfg.checkpoint.every == 0 or n == total:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(dmd=logs.get("loss_dmd"), fake=f"{logs['loss_fake']:.3f}", refresh=False)
+        bar.close()
+        if log is not None:
+            log.close()
+        return logs

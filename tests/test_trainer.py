@@ -1,0 +1,164 @@
+"""The generic distillation loop on the tiny toy teacher: resume, DDP equivalence, guards."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from senseflow.config import load_config
+from senseflow.train import checkpoint as ckpt
+from senseflow.train.health import TrainingDiverged
+from senseflow.train.trainer import Distiller
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "toy" / "distill.yaml"
+
+
+def _cfg(teacher, out, *extra):
+    return load_config(
+        RECIPE,
+        [
+            f"model.teacher={teacher}",
+            f"output_dir={out}",
+            "data.batch_size=2",
+            "logging.every=1",
+            "logging.sample_every=null",
+            "checkpoint.every=3",
+            *extra,
+        ],
+    )
+
+
+def _weights(run_dir, step):
+    path = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    return {
+        m: load_file(str(path / f"{m}.safetensors")) for m in ("generator", "fake_score", "discriminator")
+    }
+
+
+def _assert_identical(a, b):
+    for module in a:
+        for key in a[module]:
+            assert torch.equal(a[module][key], b[module][key]), f"{module}.{key} differs"
+
+
+def test_resume_is_bit_exact(tiny_teacher_dir, tmp_path):
+    straight = tmp_path / "straight"
+    Distiller(_cfg(tiny_teacher_dir, straight, "schedule.iterations=6"), progress=False).run()
+    split = tmp_path / "split"
+    Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=3"), progress=False).run()
+    resumed = Distiller(
+        _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest"), progress=False
+    )
+    resumed.run()
+    assert resumed.iteration == 6
+    _assert_identical(_weights(straight, 6), _weights(split, 6))
+    state = torch.load(split / "checkpoints" / "step-00000006" / "state.pt", weights_only=False)
+    assert set(state["optimizers"]) == {"generator", "fake_score", "discriminator"}
+    assert (split / "config.yaml").is_file()
+
+
+def test_training_changes_generator_and_logs_health(tiny_teacher_dir, tmp_path):
+    run = Distiller(_cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=2"), progress=False)
+    before = {k: v.clone() for k, v in run.generator.state_dict().items()}
+    logs = run.run()
+    assert any(not torch.equal(before[k], v) for k, v in run.generator.state_dict().items())
+    for key in ("loss_fake", "loss_disc", "disc_real_acc", "image_std", "image_saturated"):
+        assert key in logs
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert '"loss_dmd"' in lines[0] and '"loss_isg"' in lines[0] and '"loss_adv"' in lines[0]
+
+
+def test_ida_moves_fake_toward_generator(tiny_teacher_dir, tmp_path, monkeypatch):
+    """With fake-score LR ~0 the fake score changes only through IDA: phi <- lam phi + (1 - lam) theta."""
+    cfg = _cfg(
+        tiny_teacher_dir, tmp_path, "schedule.iterations=1", "optim.fake.lr=1e-30", "method.ida.lam=0.5"
+    )
+    run = Distiller(cfg, progress=False)
+    fake0 = {k: v.clone() for k, v in run.fake_score.named_parameters()}
+    run.train_step()
+    for name, theta in run.generator.named_parameters():
+        expected = 0.5 * fake0[name] + 0.5 * theta.detach()
+        torch.testing.assert_close(dict(run.fake_score.named_parameters())[name].detach(), expected)
+
+
+def test_ida_refuses_mismatched_networks(tiny_teacher_dir, tmp_path, monkeypatch):
+    from senseflow.models.toy import ToyAdapter
+
+    original = ToyAdapter.build_networks
+
+    def mismatched(self):
+        nets = original(self)
+        nets.fake_score.extra = torch.nn.Linear(2, 2)
+        return nets
+
+    monkeypatch.setattr(ToyAdapter, "build_networks", mismatched)
+    with pytest.raises(ValueError, match="extra"):
+        Distiller(_cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=1"), progress=False)
+
+
+def test_nan_guard_skips_then_aborts(tiny_teacher_dir, tmp_path, monkeypatch):
+    cfg = _cfg(
+        tiny_teacher_dir,
+        tmp_path,
+        "schedule.iterations=10",
+        "health.nan_patience=3",
+        "method.ida.enabled=false",
+    )
+    run = Distiller(cfg, progress=False)
+    run.save()  # a checkpoint that must survive the abort
+    fake0 = {k: v.clone() for k, v in run.fake_score.state_dict().items()}
+    real_predict = run.adapter.predict
+
+    def poisoned(net, *args, **kwargs):
+        out = real_predict(net, *args, **kwargs)
+        return out * float("nan") if net is run.fake_score else out
+
+    monkeypatch.setattr(run.adapter, "predict", poisoned)
+    with pytest.raises(TrainingDiverged, match="3 consecutive iterations"):
+        run.run()
+    assert run.iteration == 2  # iterations 0, 1 skipped their updates; the third non-finite one aborts
+    for k, v in run.fake_score.state_dict().items():
+        assert torch.equal(v, fake0[k]), "a non-finite step must not update the fake score"
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000000"
+
+
+@pytest.mark.skipif(not hasattr(torch.distributed, "is_available"), reason="no torch.distributed")
+def test_ddp_two_ranks_match_one_process(tiny_teacher_dir, tmp_path):
+    """torchrun with 2 ranks x batch 1 equals one process x batch 2 (per-sample randomness)."""
+    common = [
+        "configs/toy/distill.yaml",
+        f"model.teacher={tiny_teacher_dir}",
+        "schedule.iterations=6",
+        "logging.sample_every=null",
+        "checkpoint.every=6",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    cli = [sys.executable, "-m", "senseflow.cli", "train", "--quiet"]
+    subprocess.run(
+        [*cli, *common, "data.batch_size=2", f"output_dir={tmp_path / 'one'}"], check=True, cwd=root, env=env
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    subprocess.run(
+        [
+            *torchrun,
+            "-m",
+            "senseflow.cli",
+            "train",
+            "--quiet",
+            *common,
+            "data.batch_size=1",
+            f"output_dir={tmp_path / 'two'}",
+        ],
+        check=True,
+        cwd=root,
+        env=env,
+    )
+    one, two = _weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6)
+    for module in one:
+        for key in one[module]:
+            torch.testing.assert_close(one[module][key], two[module][key], rtol=1e-4, atol=1e-4)
