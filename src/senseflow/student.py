@@ -1,0 +1,90 @@
+"""A distilled student loaded from a run: its recipe, its adapter and the generator's weights.
+
+Sampling is the few-step, CFG-free chain of spec §7 (``renoise`` or ``euler``), one network call
+per anchor, with per-sample seeds so an image depends only on its prompt and seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from senseflow.config import load_config
+from senseflow.config.schema import DistillConfig
+from senseflow.method import student_sample
+from senseflow.models import build_adapter
+from senseflow.models.adapter import FamilyAdapter
+from senseflow.train import checkpoint as ckpt
+
+
+@torch.no_grad()
+def few_step_sample(
+    adapter: FamilyAdapter,
+    generator: nn.Module,
+    anchor_levels: Tensor,
+    sample_shape: tuple[int, ...],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    mode: str,
+) -> Tensor:
+    """Decoded student images in [-1, 1] (NCHW), one per (prompt, seed).
+
+    Each sample owns one random stream seeded by its seed: the initial noise first, then the
+    fresh noise of every renoising step, so a batch's composition never changes an image.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def fresh(like: Tensor) -> Tensor:
+        return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g) for g in streams]).to(like)
+
+    noise = fresh(torch.empty(len(seeds), *sample_shape))
+    cond = adapter.encode_prompts(list(prompts))
+    fn = lambda x, level: adapter.predict(generator, x, level, cond)  # noqa: E731
+    x0 = student_sample(fn, noise, anchor_levels, adapter.param, mode, generator=fresh)
+    return adapter.decode(x0).clamp(-1, 1)
+
+
+class Student:
+    def __init__(self, cfg: DistillConfig, generator_weights: dict[str, Tensor]):
+        self.cfg = cfg
+        self.adapter = build_adapter(cfg)
+        nets = self.adapter.build_networks()
+        self.generator = nets.generator.eval().requires_grad_(False)
+        self.generator.load_state_dict(generator_weights, strict=True)
+        self.anchor_levels = self.adapter.param.anchor_levels(self.adapter.anchors)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None) -> Student:
+        """The newest checkpoint of ``run_dir`` (or ``checkpoint``) with the recipe saved inside it."""
+        run_dir = Path(run_dir)
+        path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if path is None or not (path / ckpt.META).is_file():
+            raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'} (train first)")
+        cfg = load_config(path / ckpt.CONFIG)
+        return cls(cfg, load_file(str(path / "generator.safetensors")))
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: Sequence[str], seeds: Sequence[int], mode: str = "renoise", batch_size: int = 64
+    ) -> Tensor:
+        """Decoded images in [-1, 1] (NCHW); ``mode`` is 'renoise' or 'euler'."""
+        shape = self.adapter.sample_shape(self.cfg.data.resolution)
+        out = [
+            few_step_sample(
+                self.adapter,
+                self.generator,
+                self.anchor_levels,
+                shape,
+                prompts[i : i + batch_size],
+                seeds[i : i + batch_size],
+                mode,
+            )
+            for i in range(0, len(prompts), batch_size)
+        ]
+        return torch.cat(out)
