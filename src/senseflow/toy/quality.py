@@ -92,3 +92,47 @@ def measure(
     features = extract_features(images)
     fid = {ref: float(fid_from_features(features, feats)) for ref, feats in reference_features.items()}
     return QualityReport(name, seconds, accuracy, fid), images
+
+
+class Comparison:
+    """Several generators measured on one prompt set against renders and the teacher's reference.
+
+    ``add_reference_rows`` measures the floors first: a second render set (floor of the FID to
+    renders), then the teacher at its reference setting on an independent seed set, which becomes
+    the FID-T reference, and on the common seeds that every other row uses (FID-T's floor). No row
+    shares its seeds with the reference, so a deterministic sampler gains nothing from pairing.
+    """
+
+    def __init__(self, splits: Sequence[str], per_split: int, seed: int = 0):
+        self.prompt_set = PromptSet.sample(splits, per_split, seed=seed)
+        self.per_split, self.seed = per_split, seed
+        self.references = {
+            "renders": extract_features(render_reference(self.prompt_set.prompts, seed=seed + 1))
+        }
+        self.reports: list[QualityReport] = []
+        self.images: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, generate: Generator) -> QualityReport:
+        report, images = measure(name, generate, self.prompt_set, self.references)
+        self.reports.append(report)
+        self.images[name] = images
+        acc = report.accuracy["all"]["overall"]["all"]
+        print(f"{name}: compositional accuracy {100 * acc:.1f}%, FID {report.fid}", flush=True)
+        return report
+
+    def add_reference_rows(self, teacher_generator: Callable[[int], Generator], reference_name: str) -> None:
+        """``teacher_generator(seed_offset)`` returns the teacher's reference sampler."""
+        self.add("rendered images (other placements)", lambda p, s: render_reference(p, self.seed + 2 + s[0]))
+        reference_set = f"{reference_name} ({REFERENCE_SET_LABEL})"
+        self.add(reference_set, teacher_generator(SECOND_SEED_SET))
+        self.references["teacher"] = extract_features(self.images[reference_set])
+        self.add(reference_name, teacher_generator(0))
+
+    def payload(self) -> list[dict]:
+        return [
+            {"name": r.name, "seconds": r.seconds, "accuracy": r.accuracy, "fid": r.fid} for r in self.reports
+        ]
+
+
+SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's FID-T reference set
+REFERENCE_SET_LABEL = "FID-T reference set"

@@ -1,9 +1,9 @@
 """``senseflow toy report-teacher``: the toy teacher's quality, measured and written as markdown.
 
 Rows: a second set of renders (the floor of the FID against renders), the teacher at its reference
-setting with two seed sets (the second gives the floor of FID-T, the FID to the teacher's own
-reference samples), and every other (steps, guidance) setting asked for, such as 4 Euler steps,
-the baseline a 4-step student must beat.
+setting on an independent seed set (the FID-T reference) and on the common seeds (FID-T's floor),
+and every other (steps, guidance) setting asked for, such as 4 Euler steps, the baseline a 4-step
+student must beat.
 """
 
 from __future__ import annotations
@@ -16,17 +16,15 @@ import numpy as np
 import torch
 
 from senseflow.toy.evaluator import to_uint8
-from senseflow.toy.features import extract_features
 from senseflow.toy.pipeline import ToyTeacher
-from senseflow.toy.quality import PromptSet, QualityReport, measure, render_reference
+from senseflow.toy.quality import REFERENCE_SET_LABEL, Comparison, QualityReport
 from senseflow.viz import labelled_rows, save_image
 
 SPLITS = ("train", "test", "heldout")
-SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's second sample set (FID-T floor)
 GRID_PROMPTS = 10
 
 
-def _teacher_generator(teacher: ToyTeacher, steps: int, guidance: float, seed_offset: int = 0):
+def teacher_generator(teacher: ToyTeacher, steps: int, guidance: float, seed_offset: int = 0):
     def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
         shifted = [s + seed_offset for s in seeds]
         return to_uint8(teacher.sample(prompts, shifted, steps=steps, guidance=guidance))
@@ -68,34 +66,23 @@ def write_teacher_report(
     ref_steps, ref_guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
     steps = steps or [ref_steps, 4]
     guidance = guidance or [ref_guidance]
-    prompts = PromptSet.sample(SPLITS, per_split, seed=seed)
-    n = len(prompts.prompts)
-    references = {"renders": extract_features(render_reference(prompts.prompts, seed=seed + 1))}
-
-    reports: list[QualityReport] = []
-    grid_rows: dict[str, np.ndarray] = {}
-
-    def run(name: str, generate) -> None:
-        report, images = measure(name, generate, prompts, references)
-        reports.append(report)
-        grid_rows[name] = images
-        print(f"{name}: all {_fmt(report.accuracy['all']['overall']['all'])}% fid {report.fid}", flush=True)
-
-    run("rendered images (other placements)", lambda p, s: render_reference(p, seed=seed + 2 + s[0]))
+    comp = Comparison(SPLITS, per_split, seed=seed)
+    prompts, n = comp.prompt_set, len(comp.prompt_set.prompts)
     ref_name = f"teacher {ref_steps} steps, CFG {ref_guidance}"
-    run(ref_name, _teacher_generator(teacher, ref_steps, ref_guidance))
-    references["teacher"] = extract_features(grid_rows[ref_name])
-    run(f"{ref_name}, other seeds", _teacher_generator(teacher, ref_steps, ref_guidance, SECOND_SEED_SET))
+    comp.add_reference_rows(
+        lambda offset: teacher_generator(teacher, ref_steps, ref_guidance, offset), ref_name
+    )
     for s in steps:
         for g in guidance:
             if (s, g) != (ref_steps, ref_guidance):
-                run(f"teacher {s} steps, CFG {g}", _teacher_generator(teacher, s, g))
+                comp.add(f"teacher {s} steps, CFG {g}", teacher_generator(teacher, s, g))
+    reports, grid_rows = comp.reports, comp.images
 
     out_markdown = Path(out_markdown)
     out_markdown.parent.mkdir(parents=True, exist_ok=True)
     stem = out_markdown.with_suffix("")
     pick = np.linspace(per_split, n - 1, GRID_PROMPTS).astype(int)  # test and held-out prompts
-    grid_names = [name for name in grid_rows if "other seeds" not in name]
+    grid_names = [name for name in grid_rows if REFERENCE_SET_LABEL not in name]
     grid = save_image(
         labelled_rows([grid_rows[k][pick] for k in grid_names], [k.split(",")[0] for k in grid_names]),
         stem.with_name(stem.name + "_grid.png"),
@@ -106,9 +93,7 @@ def write_teacher_report(
         "train_summary": summary,
         "prompts_per_split": per_split,
         "seed": seed,
-        "reports": [
-            {"name": r.name, "seconds": r.seconds, "accuracy": r.accuracy, "fid": r.fid} for r in reports
-        ],
+        "reports": comp.payload(),
         "software": {"python": platform.python_version(), "torch": torch.__version__},
     }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
@@ -125,8 +110,9 @@ colour-shape pairs never seen in training), one image per prompt, seed = prompt 
 the rule-based evaluator's (`senseflow.toy.evaluator`): an image is correct ("all") when every prompted
 colour is found with the prompted shape and size and, for two objects, in the prompted relation.
 FIDs use the toy feature network (`senseflow.toy.features`) at N = {n}: against renders of the same
-prompts, and FID-T against the teacher's own {ref_steps}-step samples. The "other placements" and
-"other seeds" rows are the floors of those two FIDs at this N.
+prompts, and FID-T against the teacher's own {ref_steps}-step samples on an independent seed set. The
+"other placements" row and the teacher's {ref_steps}-step row on the common seeds are the floors of those
+two FIDs at this N.
 
 {markdown_table(reports, n)}
 
