@@ -1,0 +1,244 @@
+"""The ``method`` section: DMD, fake score, IDA, ISG and GAN settings (§2-8 of the spec)."""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
+
+from senseflow.config.common import GuidanceRange, PositiveInt, TimestepDist, _Section
+from senseflow.config.errors import field_error
+
+__all__ = [
+    "DMDConfig",
+    "FakeScoreConfig",
+    "GANConfig",
+    "IDAConfig",
+    "ISGConfig",
+    "MethodConfig",
+]
+
+# --------------------------------------------------------------------------------------------------
+# method
+# --------------------------------------------------------------------------------------------------
+
+
+class DMDConfig(_Section):
+    """DMD2 distribution-matching loss (§3)."""
+
+    timestep_dist: TimestepDist = Field(
+        description=(
+            "DMD noise level: SDXL uniform_index [20, 980]; SD3.5 uniform_index [20, 980] (shift-3 table); "
+            "FLUX logit_normal(0, 1) unshifted (§3)."
+        )
+    )
+    teacher_guidance: GuidanceRange = Field(
+        description=(
+            "Real-score guidance: SDXL CFG 8; SD3.5 L CFG U(3, 10); SD3.5 M U(2, 8); FLUX embedding U(1, 8) "
+            "(§3)."
+        )
+    )
+    guidance_kind: Literal["cfg", "embedding"] = Field(
+        default="cfg",
+        description=(
+            "How the teacher is guided in DMD and ISG: cfg (two passes) or embedding (FLUX.1-dev guidance "
+            "embedding, one pass) (§3)."
+        ),
+    )
+
+
+class FakeScoreConfig(_Section):
+    """Fake-score denoising loss on G's samples (§4); always conditional at guidance 1."""
+
+    timestep_dist: TimestepDist = Field(
+        description="Fake-score noise level: SDXL uniform_index [0, 999]; flow logit_normal(0, 1) (§4)."
+    )
+
+
+class IDAConfig(_Section):
+    """Implicit Distribution Alignment: phi <- lam*phi + (1-lam)*theta after every G step (§5)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Run IDA. Off only in the official SDXL trainer; the paper uses it everywhere (§5, §11).",
+    )
+    lam: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Interpolation weight lambda in [0, 1]; required when enabled. Code: 0.97 SD3.5 Large and FLUX, "
+            "0.98 SD3.5 Medium; SDXL and the paper's value unknown (§5, §12.1-2)."
+        ),
+    )
+    update_dtype: Literal["storage", "fp32"] = Field(
+        default="storage",
+        description=(
+            "Arithmetic dtype of the update: storage (as the code; bf16 can round small updates away) "
+            "or fp32 (computed in fp32, then cast back) (§5 Precision)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _lam_required(self) -> Self:
+        if self.enabled and self.lam is None:
+            raise field_error("lam", "required when enabled is true (expected a number in [0, 1], e.g. 0.97)")
+        return self
+
+
+class ISGConfig(_Section):
+    """Intra-Segment Guidance (§6). Disabled when ``weight`` is 0."""
+
+    weight: NonNegativeFloat = Field(
+        description=(
+            "w_isg (>= 0; 0 disables ISG): FLUX 1.0, SD3.5 Large 1.0, SD3.5 Medium 0.5, SDXL 0.2 (§6)."
+        )
+    )
+    loss: Literal["charbonnier", "l2"] = Field(
+        default="charbonnier",
+        description="charbonnier (code, mean reduction) or l2 (paper, squared L2) (§6, §11).",
+    )
+    charbonnier_eps: PositiveFloat = Field(
+        default=1e-3, description="Charbonnier eps: mean(sqrt(d^2 + eps^2) - eps); 1e-3 in the code (§6)."
+    )
+    margin: NonNegativeInt | None = Field(
+        default=None,
+        description=(
+            "t_mid margin m on the 1000-step grid (sigma*1000 for FLUX, table index for SD3.5, DDPM step for "
+            "SDXL): t_mid ~ U[a_{j+1}+m, a_j-m]. Code: 20 FLUX/SDXL, 50 SD3.5; 0 approximates the "
+            "paper (§6). "
+            "Required when weight > 0."
+        ),
+    )
+    teacher_guidance: GuidanceRange | None = Field(
+        default=None,
+        description=(
+            "Teacher guidance for the ISG step: FLUX embedding U(1, 8); SD3.5 Large CFG 5.0; Medium U(2, 4); "
+            "SDXL CFG U(3, 15) (§6). Required when weight > 0."
+        ),
+    )
+    sdxl_mode: Literal["official", "ddim"] = Field(
+        default="official",
+        description=(
+            "SDXL only: official (x0 regression as coded) or ddim (teacher-then-student segment, paper) "
+            "(§6, §11)."
+        ),
+    )
+    last_segment_end: Literal["zero", "table_index_0"] = Field(
+        default="zero",
+        description=(
+            "End of the last segment (a_4): sigma = 0, or table index 0 (sigma ~ 0.003 for SD3.5). Unknown "
+            "(§12.5)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _required_when_on(self) -> Self:
+        if self.weight > 0:
+            if self.margin is None:
+                raise field_error("margin", "required when weight > 0 (e.g. 20 for FLUX/SDXL, 50 for SD3.5)")
+            if self.teacher_guidance is None:
+                raise field_error("teacher_guidance", "required when weight > 0 (a number or {min, max})")
+        return self
+
+
+class GANConfig(_Section):
+    """Adversarial term (§8)."""
+
+    type: Literal["vfm", "dmd2_head", "toy", "none"] = Field(
+        default="vfm",
+        description=(
+            "vfm: frozen DINOv2 + trained heads, hinge loss (SenseFlow, §8.1); dmd2_head: classifier on "
+            "the fake score's bottleneck, non-saturating loss (vanilla DMD2, §8.2); "
+            "toy: small test discriminator; none: off."
+        ),
+    )
+    weight: NonNegativeFloat | None = Field(
+        default=None,
+        description=(
+            "w_gan on L_adv in G's loss: FLUX 2.0, SD3.5 0.1, SDXL 0.5 (§8.1); DMD2 5e-3 (§8.2). "
+            "Required unless type is none."
+        ),
+    )
+    disc_weight: NonNegativeFloat = Field(
+        default=1.0,
+        description=(
+            "Weight on the discriminator loss: 1.0 for the VFM hinge loss (§8.1); DMD2 classifier 1e-2 "
+            "(§8.2)."
+        ),
+    )
+    time_weight: Literal["alpha_sq", "mirror_sigma_sq", "sqrt_alphabar", "constant"] | None = Field(
+        default=None,
+        description=(
+            "Per-sample weight omega at the anchor: alpha_sq (FLUX code, paper), "
+            "mirror_sigma_sq (SD3.5 code), sqrt_alphabar (SDXL code), constant (1; DMD2) (§8.1). "
+            "Required for type vfm."
+        ),
+    )
+    reference_encoder: Literal["dinov2", "clip"] = Field(
+        default="dinov2",
+        description="Encoder of D's reference image: dinov2 (code, paper v2) or clip (paper v1) (§8.1).",
+    )
+    backbone: str = Field(
+        default="vit_large_patch14_dinov2.lvd142m",
+        description=(
+            "timm name of the frozen VFM backbone; ViT-L/14 DINOv2 in the code, ViT-B best FID-T (§8.1)."
+        ),
+    )
+    feature_blocks: list[NonNegativeInt] = Field(
+        default_factory=lambda: [2, 5, 8, 10, 14, 19, 23],
+        description=(
+            "Backbone blocks hooked for the heads (plus the patch embedding); code values for ViT-L (§8.1)."
+        ),
+    )
+    text_encoder: str = Field(
+        default="openai/clip-vit-large-patch14",
+        description=(
+            "CLIP text model for D's 768-d text embedding; the code's model is unknown (§8.1, §12.9)."
+        ),
+    )
+    diffaug: list[Literal["color", "translation", "cutout"]] = Field(
+        default_factory=lambda: ["color", "translation", "cutout"],
+        description="DiffAugment policy applied to D's input image only (§8.1); parameters unknown (§12.14).",
+    )
+
+    @model_validator(mode="after")
+    def _required(self) -> Self:
+        if self.type != "none" and self.weight is None:
+            raise field_error("weight", f"required when type is '{self.type}' (a number >= 0)")
+        if self.type == "vfm" and self.time_weight is None:
+            raise field_error(
+                "time_weight",
+                "required when type is 'vfm' (alpha_sq, mirror_sigma_sq, sqrt_alphabar or constant)",
+            )
+        return self
+
+
+class MethodConfig(_Section):
+    """The SenseFlow training iteration (§2-8)."""
+
+    ttur_ratio: PositiveInt = Field(
+        default=5,
+        description=(
+            "TTUR period k (>= 1): G steps when n mod k = 0. Code: 5 (SDXL, SD3.5 L, FLUX, DMD2), "
+            "10 SD3.5 M (§2)."
+        ),
+    )
+    backward_sim_prob: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Probability of backward simulation for G's input; 0.5 in the code (§2, §7).",
+    )
+    randomness: Literal["per_rank", "per_sample"] = Field(
+        default="per_rank",
+        description=(
+            "Scope of the anchor, backward-simulation and t_mid draws: per_rank (code, batch 1) "
+            "or per_sample (a project choice at batch > 1) (§12.15)."
+        ),
+    )
+    dmd: DMDConfig = Field(description="DMD loss (§3).")
+    fake: FakeScoreConfig = Field(description="Fake-score loss (§4).")
+    ida: IDAConfig = Field(description="IDA (§5).")
+    isg: ISGConfig = Field(description="ISG (§6).")
+    gan: GANConfig = Field(description="Discriminator (§8).")

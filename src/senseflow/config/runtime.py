@@ -1,0 +1,186 @@
+"""Run-time sections: optimizers, schedule, precision, parallelism, logging, checkpoints and health."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator
+
+from senseflow.config.common import PositiveInt, _check_existing_path, _Section
+
+__all__ = [
+    "CheckpointConfig",
+    "Dtype",
+    "HealthConfig",
+    "LoggingConfig",
+    "OptimConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
+    "ScheduleConfig",
+]
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+# --------------------------------------------------------------------------------------------------
+# optim, schedule, precision, parallel, logging, checkpoint, health
+# --------------------------------------------------------------------------------------------------
+
+
+class OptimizerConfig(_Section):
+    """One network's optimizer. Defaults: AdamW (0.9, 0.999), eps 1e-8, wd 0, LR 1e-6, clip 1.0 (§9)."""
+
+    name: Literal["adamw", "adamw8bit"] = Field(
+        default="adamw", description="adamw (torch; SDXL) or adamw8bit (bitsandbytes; SD3.5, FLUX) (§9)."
+    )
+    lr: PositiveFloat = Field(
+        default=1e-6, description="Learning rate (> 0); 1e-6 for every network in the code (§9)."
+    )
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        default=(0.9, 0.999),
+        description="Adam betas, each in [0, 1); (0.9, 0.999) in the code and paper (§9).",
+    )
+    eps: PositiveFloat = Field(default=1e-8, description="Adam epsilon (> 0); 1e-8 in the code (§9).")
+    weight_decay: NonNegativeFloat = Field(
+        default=0.0, description="Decoupled weight decay (>= 0); 0 in the code (§9)."
+    )
+    clip_grad: PositiveFloat | None = Field(
+        default=1.0,
+        description="Max gradient norm (> 0), or null for no clipping; 1.0 in the code, 10 in DMD2 (§9).",
+    )
+
+
+class OptimConfig(_Section):
+    """Optimizers of G, the fake score and the discriminator heads, and the LR warm-up."""
+
+    generator: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Generator G optimizer.")
+    fake: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Fake-score optimizer.")
+    discriminator: OptimizerConfig = Field(
+        default_factory=OptimizerConfig,
+        description=(
+            "Discriminator-head optimizer (for gan.type dmd2_head the head trains with the fake score)."
+        ),
+    )
+    warmup_steps: NonNegativeInt = Field(
+        default=500, description="Linear LR warm-up steps (>= 0); 500 in the code (§9)."
+    )
+    warmup_start_factor: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "LR at the start of warm-up as a fraction of the LR. The code starts at the maximum (1.0), "
+            "so its 500-step warm-up is a constant LR (§9)."
+        ),
+    )
+
+
+class ScheduleConfig(_Section):
+    """Training length."""
+
+    iterations: PositiveInt = Field(
+        description=(
+            "Training iterations (>= 1): SDXL 18k, SD3.5 Large 27k, FLUX 12k [reported]; SD3.5 Medium "
+            "unknown (§9)."
+        )
+    )
+
+
+class PrecisionConfig(_Section):
+    """Numeric precision (§9)."""
+
+    param_dtype: Dtype = Field(
+        default="fp32",
+        description="Storage dtype of G and the fake score: fp32 (SDXL, SD3.5) or bf16 (FLUX) (§9).",
+    )
+    autocast_dtype: Dtype = Field(
+        default="bf16", description="Autocast compute dtype (fp32 = no autocast); bf16 in the code (§9)."
+    )
+    teacher_dtype: Dtype = Field(
+        default="bf16", description="Dtype of the frozen real score; bf16 in the code (§1, §9)."
+    )
+    tf32: bool = Field(default=True, description="Allow TF32 matmuls; on in the code (§9).")
+
+
+class ParallelConfig(_Section):
+    """Distribution strategy. IDA needs G and the fake score to share one sharding plan (§5)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        default="none",
+        description=(
+            "none (single process), ddp, or fsdp (FULL_SHARD for G and the guidance model, D in DDP; code) "
+            "(§9)."
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Gradient checkpointing on G, fake, real and VAE; on in the code (§9)."
+    )
+
+
+class LoggingConfig(_Section):
+    """Scalars, TensorBoard and sample grids."""
+
+    every: PositiveInt = Field(default=10, description="Log scalars every N iterations (project default).")
+    tensorboard: bool = Field(default=True, description="Write TensorBoard event files under output_dir.")
+    sample_every: PositiveInt | None = Field(
+        default=500, description="Render sample images every N iterations; null disables (project default)."
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "a photo of a red fox sitting in a snowy forest, golden hour",
+            "an astronaut riding a horse on the moon, detailed illustration",
+        ],
+        description="Prompts rendered at every sample_every (one image per prompt and seed).",
+    )
+    sample_seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds for the sample grid.")
+    sample_sampler: Literal["renoise", "euler"] = Field(
+        default="renoise",
+        description=(
+            "Sampler for the sample grid: renoise (training chain, 'Ours') or euler ('(Euler)' rows) (§7)."
+        ),
+    )
+
+
+class CheckpointConfig(_Section):
+    """Checkpointing and resume."""
+
+    every: PositiveInt = Field(
+        default=3000, description="Save every N iterations (>= 1); 3000 in the code (§9)."
+    )
+    keep_last: PositiveInt = Field(default=3, description="Number of most recent checkpoints kept (>= 1).")
+    resume: str | None = Field(
+        default=None,
+        description=(
+            "null (fresh start), 'latest' (newest checkpoint in output_dir, if any) or an existing "
+            "checkpoint path."
+        ),
+    )
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, value: str | None) -> str | None:
+        if value is None or value == "latest":
+            return value
+        if not value.strip():
+            raise ValueError("expected null, 'latest' or a checkpoint path, got an empty string")
+        return _check_existing_path(value, "resume checkpoint")
+
+
+class HealthConfig(_Section):
+    """Training-health alarms (project defaults; no peer ships them)."""
+
+    nan_patience: PositiveInt = Field(
+        default=5,
+        description="Abort after this many consecutive iterations with a non-finite loss (each is skipped).",
+    )
+    collapse_std: NonNegativeFloat = Field(
+        default=0.02,
+        description=(
+            "Warn of collapse when the generated batch's per-pixel std across samples, averaged, falls "
+            "below this (images in [-1, 1]): near-identical outputs for different prompts and noise."
+        ),
+    )
+    saturation_level: float = Field(
+        default=0.98, gt=0.0, le=1.0, description="|pixel| at or above this counts as saturated."
+    )
