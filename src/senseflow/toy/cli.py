@@ -7,6 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from senseflow.config.loader import load_config
+from senseflow.toy.ablate import add_parser as add_ablate_parser
 from senseflow.viz import image_grid, save_image
 
 
@@ -98,3 +99,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results/toy_teacher.md")
     p.set_defaults(func=cmd_report_teacher)
+
+    add_ablate_parser(sub)

@@ -315,7 +315,7 @@ class Distiller:
             logs = self.train_step()
             n = self.iteration
             alarm = collapse_alarm(logs, cfg.health)
-            if log is not None and (n % cfg.logging.every == 0 or n == total or alarm):
+            if log is not None and (logs["iteration"] % cfg.logging.every == 0 or n == total or alarm):
                 logs["seconds"] = round(time.perf_counter() - start, 3)
                 logs["alarm"] = alarm
                 log.write(json.dumps(logs) + "\n")

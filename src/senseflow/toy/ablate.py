@@ -1,0 +1,574 @@
+"""``senseflow toy ablate``: the paper's ablation (DMD2 -> +IDA -> +ISG -> full) on the shapes world.
+
+Every variant is the toy recipe (``configs/toy/distill.yaml``) with a few dotted overrides, listed
+in :data:`VARIANTS`. For each (variant, seed) the student is trained with the ordinary
+:class:`~senseflow.train.trainer.Distiller` into ``<runs>/<variant>/seed<k>``, timed, then sampled
+with the 4-step renoise sampler on a fixed prompt set and measured with
+:func:`senseflow.toy.quality.measure`: compositional accuracy per split, FID-T (to the teacher's own
+reference samples of the same prompts and seeds) and FID to renders. The teacher's reference samples
+and their features are computed once and cached in ``<runs>/reference/``.
+
+Resumable per (variant, seed): a run whose final checkpoint exists is not trained again (an
+interrupted one continues from its newest checkpoint), and a measured run is not measured again.
+Training runs hold checkpoints, so they live under ``--runs`` (default ``runs/toy_ablation``,
+ignored by git); the report (markdown, JSON, curves and sample grid) goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SPLITS = ("train", "test", "heldout")
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: tuple[str, ...]
+
+
+_NO_IDA = "method.ida.enabled=false"
+_NO_ISG = "method.isg.weight=0"
+_NO_GAN = "method.gan.type=none"
+
+#: name -> recipe overrides on configs/toy/distill.yaml (the recipe itself is the full method).
+VARIANTS: dict[str, Variant] = {
+    "vanilla": Variant("vanilla DMD2", (_NO_IDA, _NO_ISG, _NO_GAN)),
+    "ida": Variant("+IDA", (_NO_ISG, _NO_GAN)),
+    "isg": Variant("+ISG", (_NO_IDA, _NO_GAN)),
+    "ida_isg": Variant("+IDA+ISG", (_NO_GAN,)),
+    "full": Variant("full (IDA+ISG+GAN)", ()),
+    # TTUR 1: one fake-score update per generator update, so the fake score lags the generator.
+    "stressed": Variant(
+        "vanilla DMD2, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, "method.ttur_ratio=1")
+    ),
+    "stressed_ida": Variant("+IDA, TTUR 1 (stressed)", (_NO_ISG, _NO_GAN, "method.ttur_ratio=1")),
+}
+#: What runs without --variants (stressed_ida is the stressed run's IDA counterpart, on request).
+DEFAULT_VARIANTS = ("vanilla", "ida", "isg", "ida_isg", "full", "stressed")
+BASELINE = "vanilla"
+
+#: Overrides of every ablation run: log each iteration (loss_dmd exists on generator turns only),
+#: no sample grids during training (they would distort the timing), keep only the newest checkpoint.
+RUN_OVERRIDES = ("logging.every=1", "logging.sample_every=null", "checkpoint.keep_last=1")
+
+SAMPLER = "renoise"
+SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's second sample set (the FID-T floor)
+GRID_PROMPTS = 8  # test and held-out prompts shown in the sample grid
+CURVES = (
+    ("loss_dmd", "DMD loss (generator turns)"),
+    ("loss_fake", "fake-score loss"),
+    ("image_std", "image std"),
+)
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+)
+
+
+def _default_recipe() -> Path:
+    local = Path("configs/toy/distill.yaml")
+    return (
+        local if local.is_file() else Path(__file__).resolve().parents[3] / "configs" / "toy" / "distill.yaml"
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _grid_picks(per_split: int, n: int) -> np.ndarray:
+    """Indices of GRID_PROMPTS prompts spread over the test and held-out part of the prompt set."""
+    return np.linspace(per_split, n - 1, min(GRID_PROMPTS, n - per_split)).astype(int)
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+def reference(teacher_folder: str | None, prompts, per_split: int, prompt_seed: int, root: Path, picks):
+    """Teacher and render features of the prompt set, teacher baseline rows, the teacher's grid images
+    and the cache key; computed once and cached in ``root``."""
+    from senseflow.toy.evaluator import to_uint8
+    from senseflow.toy.features import extract_features
+    from senseflow.toy.pipeline import ToyTeacher
+    from senseflow.toy.quality import measure, render_reference
+
+    teacher = ToyTeacher(teacher_folder)
+    steps, guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
+    key = {
+        "teacher": str(teacher.folder.resolve()),
+        "per_split": per_split,
+        "prompt_seed": prompt_seed,
+        "steps": steps,
+        "guidance": guidance,
+    }
+    meta = _read_json(root / "meta.json")
+    if meta is not None and meta["key"] == key and (root / "features.npz").is_file():
+        print(f"reference: cached in {root}", flush=True)
+        feats = np.load(root / "features.npz")
+        return {k: feats[k] for k in feats.files}, meta["rows"], np.load(root / "teacher_samples.npy"), key
+
+    def teacher_gen(n_steps: int, offset: int = 0):
+        def generate(p: list[str], s: list[int]) -> np.ndarray:
+            return to_uint8(teacher.sample(p, [x + offset for x in s], steps=n_steps, guidance=guidance))
+
+        return generate
+
+    print(
+        f"reference: sampling the teacher ({steps} steps, CFG {guidance}) on {len(prompts.prompts)} prompts"
+    )
+    refs = {"renders": extract_features(render_reference(prompts.prompts, seed=prompt_seed + 1))}
+    rows = []
+    ref_report, ref_images = measure(f"teacher, {steps} steps", teacher_gen(steps), prompts, refs)
+    refs["teacher"] = extract_features(ref_images)
+    ref_report.fid["teacher"] = 0.0
+    rows.append(ref_report)
+    for name, gen in (
+        (f"teacher, {steps} steps, other seeds (FID-T floor)", teacher_gen(steps, SECOND_SEED_SET)),
+        (f"teacher, 4 steps (Euler, CFG {guidance})", teacher_gen(4)),
+    ):
+        rows.append(measure(name, gen, prompts, refs)[0])
+    rows = [{"name": r.name, "seconds": r.seconds, "accuracy": r.accuracy, "fid": r.fid} for r in rows]
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez(root / "features.npz", **refs)
+    np.save(root / "teacher_samples.npy", ref_images[picks])
+    _write_json(root / "meta.json", {"key": key, "rows": rows})
+    return refs, rows, ref_images[picks], key
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def _same_config(run_dir: Path, cfg) -> bool:
+    from senseflow.config import load_config
+
+    saved = run_dir / "config.yaml"
+    return not saved.is_file() or load_config(saved) == cfg
+
+
+def train_run(cfg, run_dir: Path, progress: bool) -> dict:
+    """Train (or skip, or finish) one run; returns its timing record."""
+    from senseflow.train import checkpoint as ckpt
+    from senseflow.train.trainer import Distiller
+
+    total = cfg.schedule.iterations
+    final = run_dir / "checkpoints" / ckpt.checkpoint_name(total)
+    timing_path = run_dir / "ablate_timing.json"
+    if not _same_config(run_dir, cfg):
+        raise ValueError(
+            f"{run_dir} holds a run with another configuration (see its config.yaml); "
+            "choose another --runs folder or delete that run"
+        )
+    if (final / ckpt.META).is_file():
+        print(f"skip training {run_dir}: final checkpoint {final.name} exists", flush=True)
+        return _read_json(timing_path) or {
+            "seconds": None,
+            "iterations_timed": 0,
+            "seconds_per_iteration": None,
+        }
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    first = int(latest.name.split("-")[1]) if latest is not None else 0
+    print(f"train {run_dir}: iterations {first}..{total}", flush=True)
+    distiller = Distiller(cfg, progress=progress)
+    start = time.perf_counter()
+    distiller.run()
+    seconds = time.perf_counter() - start
+    timing = {
+        "seconds": seconds,
+        "iterations_timed": total - first,
+        "seconds_per_iteration": seconds / max(1, total - first),
+        "resumed_from": first,
+    }
+    _write_json(timing_path, timing)
+    return timing
+
+
+def measure_run(run_dir: Path, cfg, prompts, refs: dict, ref_key: dict, picks) -> dict:
+    """Accuracy and FIDs of the run's final student (cached in the run folder)."""
+    from senseflow.student import Student
+    from senseflow.toy.evaluator import to_uint8
+    from senseflow.toy.quality import measure
+    from senseflow.train import checkpoint as ckpt
+
+    path = run_dir / "checkpoints" / ckpt.checkpoint_name(cfg.schedule.iterations)
+    key = {**ref_key, "checkpoint": path.name, "sampler": SAMPLER}
+    cache = run_dir / "ablate_quality.json"
+    cached = _read_json(cache)
+    if cached is not None and cached["key"] == key and (run_dir / "ablate_samples.npy").is_file():
+        print(f"skip measuring {run_dir}: measured before", flush=True)
+        return cached
+    student = Student.from_run(run_dir, path)
+
+    def generate(p: list[str], s: list[int]) -> np.ndarray:
+        return to_uint8(student.sample(p, s, mode=SAMPLER))
+
+    report, images = measure(str(run_dir), generate, prompts, refs)
+    np.save(run_dir / "ablate_samples.npy", images[picks])
+    out = {"key": key, "seconds": report.seconds, "accuracy": report.accuracy, "fid": report.fid}
+    _write_json(cache, out)
+    print(
+        f"measured {run_dir}: all {100 * report.accuracy['all']['overall']['all']:.1f}% "
+        f"FID-T {report.fid['teacher']:.2f}",
+        flush=True,
+    )
+    return out
+
+
+def read_log(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Curves (iteration, value) of a run's log.jsonl; a resumed run's repeated iterations keep the last."""
+    rows: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[int(row["iteration"])] = row
+    curves = {}
+    for key, _ in CURVES:
+        pts = [(n, r[key]) for n, r in sorted(rows.items()) if isinstance(r.get(key), (int, float))]
+        pts = [(n, v) for n, v in pts if math.isfinite(v)]
+        curves[key] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float))
+    return curves
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _smooth(y: np.ndarray) -> np.ndarray:
+    w = max(1, len(y) // 40)
+    if w == 1:
+        return y
+    kernel = np.ones(w) / w
+    padded = np.concatenate([np.full(w - 1, y[0]), y])
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def _mean_over_seeds(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean over seeds at the iterations every seed logged."""
+    common = set(runs[0][0].tolist())
+    for x, _ in runs[1:]:
+        common &= set(x.tolist())
+    xs = np.array(sorted(common))
+    if len(xs) == 0:
+        return xs, np.array([])
+    ys = [np.interp(xs, x, y) for x, y in runs]
+    return xs, np.mean(ys, axis=0)
+
+
+def plot_curves(
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], labels: dict[str, str], path: Path
+):
+    """Training curves (one panel per logged value, one line per variant), drawn with PIL."""
+    pw, ph, margin = 360, 240, 48
+    legend_h = 18 * len(curves) + 10
+    canvas = Image.new("RGB", (len(CURVES) * (pw + margin) + margin, ph + 2 * margin + legend_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (key, title) in enumerate(CURVES):
+        x0, y0 = margin + i * (pw + margin), margin
+        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(0, 0, 0))
+        draw.text((x0, y0 - 30), f"{title} (moving mean)", fill=(0, 0, 0))
+        series = {v: c[key] for v, c in curves.items() if len(c[key][0]) > 0}
+        if not series:
+            draw.text((x0 + 10, y0 + ph // 2), "not logged", fill=(0, 0, 0))
+            continue
+        smoothed = {v: (x, _smooth(y)) for v, (x, y) in series.items()}
+        xmax = max(float(x.max()) for x, _ in smoothed.values()) or 1.0
+        lo = min(float(y.min()) for _, y in smoothed.values())
+        hi = max(float(y.max()) for _, y in smoothed.values())
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        draw.text((x0 + 3, y0 + 2), f"{hi:.3g}", fill=(90, 90, 90))
+        draw.text((x0 + 3, y0 + ph - 14), f"{lo:.3g}", fill=(90, 90, 90))
+        draw.text((x0, y0 + ph + 4), "0", fill=(0, 0, 0))
+        draw.text((x0 + pw - 40, y0 + ph + 4), f"{int(xmax)} it", fill=(0, 0, 0))
+        for v, (x, y) in smoothed.items():
+            colour = PALETTE[list(curves).index(v) % len(PALETTE)]
+            pts = [
+                (x0 + pw * float(a) / xmax, y0 + ph * (1 - (float(b) - lo) / (hi - lo)))
+                for a, b in zip(x, y, strict=True)
+            ]
+            if len(pts) == 1:
+                px, py = pts[0]
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+            else:
+                draw.line(pts, fill=colour, width=2)
+    ly = ph + 2 * margin
+    for j, v in enumerate(curves):
+        colour = PALETTE[j % len(PALETTE)]
+        draw.line([(margin, ly + 18 * j + 6), (margin + 24, ly + 18 * j + 6)], fill=colour, width=3)
+        draw.text((margin + 30, ly + 18 * j), labels[v], fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+
+
+def _fmt(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    if mean is None:
+        return "–"
+    text = f"{scale * mean:.{digits}f}"
+    return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
+
+
+def summarise(records: list[dict], variants: list[str]) -> dict[str, dict]:
+    out = {}
+    for v in variants:
+        rs = [r for r in records if r["variant"] == v]
+        stats = {
+            "fid_teacher": _mean_std([r["fid"]["teacher"] for r in rs]),
+            "fid_renders": _mean_std([r["fid"]["renders"] for r in rs]),
+            "accuracy_all": _mean_std([r["accuracy"]["all"]["overall"]["all"] for r in rs]),
+            "accuracy_heldout": _mean_std([r["accuracy"]["heldout"]["overall"]["all"] for r in rs]),
+            "seconds_per_iteration": _mean_std([r["timing"]["seconds_per_iteration"] for r in rs]),
+        }
+        out[v] = {k: {"mean": m, "std": s} for k, (m, s) in stats.items()} | {
+            "seeds": [r["seed"] for r in rs]
+        }
+    base = out.get(BASELINE, {}).get("seconds_per_iteration", {}).get("mean")
+    for v in variants:
+        mine = out[v]["seconds_per_iteration"]["mean"]
+        out[v]["time_vs_vanilla"] = mine / base if mine is not None and base else None
+    return out
+
+
+def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
+    s, ref = payload["summary"], payload["reference"]
+    head = (
+        "| variant | overrides | FID-T ↓ | FID vs renders ↓ | accuracy, all (%) | held-out (%) "
+        "| s / iteration | time vs vanilla |\n|" + "---|" * 8
+    )
+    lines = [head]
+    for v in payload["variants"]:
+        r = s[v]
+        overrides = ", ".join(f"`{o}`" for o in VARIANTS[v].overrides) or "(the recipe)"
+        ratio = r["time_vs_vanilla"]
+        cells = [
+            VARIANTS[v].label,
+            overrides,
+            _fmt(r["fid_teacher"]["mean"], r["fid_teacher"]["std"]),
+            _fmt(r["fid_renders"]["mean"], r["fid_renders"]["std"]),
+            _fmt(r["accuracy_all"]["mean"], r["accuracy_all"]["std"], 100, 1),
+            _fmt(r["accuracy_heldout"]["mean"], r["accuracy_heldout"]["std"], 100, 1),
+            _fmt(r["seconds_per_iteration"]["mean"], r["seconds_per_iteration"]["std"], 1, 3),
+            f"{ratio:.2f}x" if ratio is not None else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    ref_lines = ["| reference | FID-T | FID vs renders | accuracy, all (%) | held-out (%) |\n|" + "---|" * 5]
+    for row in ref:
+        acc = row["accuracy"]
+        ref_lines.append(
+            f"| {row['name']} | {row['fid']['teacher']:.2f} | {row['fid']['renders']:.2f} "
+            f"| {100 * acc['all']['overall']['all']:.1f} | {100 * acc['heldout']['overall']['all']:.1f} |"
+        )
+    n, seeds = payload["prompts"], payload["seeds"]
+    grid = ""
+    if grid_png:
+        grid = f"\nTest and held-out prompts; students of seed {min(seeds)}:\n\n![samples]({grid_png})\n"
+    intro = textwrap.fill(
+        f"Each row is `{payload['recipe']}` with the listed overrides, distilled for "
+        f"{payload['iterations']} iterations at batch {payload['batch_size']} from the teacher "
+        f"`{payload['teacher']}`, with seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds). "
+        f"The students are sampled with the 4-step `{SAMPLER}` sampler on {n} prompts "
+        f"({payload['per_split']} each from the train, test and held-out splits; one image per prompt, "
+        "seed = prompt index). FID-T is the Fréchet distance (toy features, `senseflow.toy.features`) "
+        "to the teacher's own reference samples of the same prompts and seeds; its floor at this N is "
+        "the teacher with other seeds, below. Accuracy is the rule-based evaluator's compositional "
+        "accuracy (`senseflow.toy.evaluator`). Seconds per iteration are the wall time of "
+        "`Distiller.run` divided by the iterations it trained (this machine, runs one after another: "
+        "other load on the machine shows up here); the last column divides them by vanilla DMD2's.",
+        width=100,
+    )
+    return f"""# Toy ablation: vanilla DMD2, IDA, ISG and the full SenseFlow recipe
+
+{intro}
+
+{chr(10).join(lines)}
+
+Teacher baselines on the same prompts:
+
+{chr(10).join(ref_lines)}
+
+Training curves (mean over seeds, moving average): `{curves_png}`
+
+![curves]({curves_png})
+{grid}
+Raw numbers of every run: `{payload["json"]}`. Reproduce (resumable: finished runs are skipped):
+
+```
+{payload["command"]}
+```
+"""
+
+
+def _grid(rows: dict[str, np.ndarray], path: Path) -> Path:
+    from senseflow.viz import labelled_rows, save_image
+
+    return save_image(labelled_rows(list(rows.values()), list(rows)), path)
+
+
+def run_ablation(args: argparse.Namespace) -> Path:
+    import torch
+
+    from senseflow.config import load_config
+    from senseflow.toy.quality import PromptSet
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if not args.seeds:
+        raise ValueError("--seeds: give at least one seed")
+    recipe, runs, out = Path(args.config or _default_recipe()), Path(args.runs), Path(args.out)
+    base = list(RUN_OVERRIDES)
+    if args.teacher:
+        base.append(f"model.teacher={args.teacher}")
+    if args.iterations:
+        base.append(f"schedule.iterations={args.iterations}")
+    if args.batch_size:
+        base.append(f"data.batch_size={args.batch_size}")
+    base_cfg = load_config(recipe, base)
+    teacher_folder = base_cfg.model.teacher
+
+    prompts = PromptSet.sample(SPLITS, args.per_split, seed=args.prompt_seed)
+    picks = _grid_picks(args.per_split, len(prompts.prompts))
+    refs, ref_rows, teacher_picks, ref_key = reference(
+        teacher_folder, prompts, args.per_split, args.prompt_seed, runs / "reference", picks
+    )
+
+    records, curves, grid_rows = [], {}, {"teacher": teacher_picks}
+    for v in args.variants:
+        per_seed = []
+        for seed in args.seeds:
+            run_dir = runs / v / f"seed{seed}"
+            overrides = [*base, *VARIANTS[v].overrides, f"seed={seed}", f"output_dir={run_dir}"]
+            cfg = load_config(recipe, [*overrides, "checkpoint.resume=latest"])
+            timing = train_run(cfg, run_dir, progress=not args.quiet)
+            quality = measure_run(run_dir, cfg, prompts, refs, ref_key, picks)
+            log = read_log(run_dir / "log.jsonl")
+            per_seed.append(log)
+            last = {k: float(y[-1]) for k, (_, y) in log.items() if len(y)}
+            records.append(
+                {
+                    "variant": v,
+                    "seed": seed,
+                    "run_dir": str(run_dir),
+                    "overrides": overrides,
+                    "timing": timing,
+                    "fid": quality["fid"],
+                    "accuracy": quality["accuracy"],
+                    "sampling_seconds": quality["seconds"],
+                    "last_logged": last,
+                }
+            )
+            if seed == min(args.seeds):
+                grid_rows[VARIANTS[v].label] = np.load(run_dir / "ablate_samples.npy")
+        curves[v] = {key: _mean_over_seeds([c[key] for c in per_seed]) for key, _ in CURVES}
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / "toy_ablation"
+    curves_png = plot_curves(
+        curves, {v: VARIANTS[v].label for v in curves}, stem.with_name("toy_ablation_curves.png")
+    )
+    grid_png = _grid(grid_rows, stem.with_name("toy_ablation_samples.png")) if len(picks) else None
+    payload = {
+        "command": command_line(args),
+        "recipe": str(recipe),
+        "teacher": str(teacher_folder) if teacher_folder else "shipped toy teacher",
+        "iterations": base_cfg.schedule.iterations,
+        "batch_size": base_cfg.data.batch_size,
+        "seeds": list(args.seeds),
+        "per_split": args.per_split,
+        "prompt_seed": args.prompt_seed,
+        "prompts": len(prompts.prompts),
+        "sampler": SAMPLER,
+        "variants": list(args.variants),
+        "variant_overrides": {v: list(VARIANTS[v].overrides) for v in args.variants},
+        "run_overrides": list(RUN_OVERRIDES),
+        "summary": summarise(records, list(args.variants)),
+        "reference": ref_rows,
+        "runs": records,
+        "json": stem.with_suffix(".json").name,
+        "software": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    _write_json(stem.with_suffix(".json"), payload)
+    md = stem.with_suffix(".md")
+    md.write_text(markdown(payload, curves_png.name, grid_png.name if grid_png else None))
+    print(f"ablation written to {md}", flush=True)
+    return md
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["senseflow", "toy", "ablate", "--seeds", *map(str, args.seeds), "--variants", *args.variants]
+    for flag, value in (
+        ("--config", args.config),
+        ("--teacher", args.teacher),
+        ("--iterations", args.iterations),
+        ("--batch-size", args.batch_size),
+        ("--per-split", args.per_split),
+        ("--prompt-seed", args.prompt_seed),
+        ("--runs", args.runs),
+        ("--out", args.out),
+    ):
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    run_ablation(args)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ablate", help="vanilla DMD2 vs +IDA, +ISG, full: train, measure, report")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        help=f"variants to run (default {' '.join(DEFAULT_VARIANTS)}; known: {', '.join(VARIANTS)})",
+    )
+    p.add_argument("--config", help="distillation recipe (default configs/toy/distill.yaml)")
+    p.add_argument("--teacher", help="teacher folder (default: the recipe's, i.e. the shipped teacher)")
+    p.add_argument("--iterations", type=int, help="training iterations per run (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="training batch (default: the recipe's)")
+    p.add_argument(
+        "--per-split", type=int, default=100, help="measured prompts per split (train, test, heldout)"
+    )
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the measured prompt set")
+    p.add_argument("--runs", default="runs/toy_ablation", help="training runs and the reference cache")
+    p.add_argument("--out", default="docs/results", help="folder of toy_ablation.md/.json and the PNGs")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_ablate)

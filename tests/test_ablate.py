@@ -1,0 +1,78 @@
+"""``senseflow toy ablate`` end to end on the tiny teacher: report files, finite numbers, resume."""
+
+import json
+import math
+
+import torch
+
+from senseflow.cli import main
+from senseflow.toy.ablate import VARIANTS
+
+
+def _args(teacher, tmp_path):
+    return [
+        "toy",
+        "ablate",
+        "--teacher",
+        str(teacher),
+        "--seeds",
+        "0",
+        "--iterations",
+        "2",
+        "--batch-size",
+        "2",
+        "--per-split",
+        "2",
+        "--variants",
+        "vanilla",
+        "full",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
+
+
+def test_ablate_writes_report_and_resumes(tiny_teacher_dir, tmp_path, capsys):
+    torch.set_num_threads(1)
+    assert main(_args(tiny_teacher_dir, tmp_path)) == 0
+    out = tmp_path / "out"
+    md = (out / "toy_ablation.md").read_text()
+    payload = json.loads((out / "toy_ablation.json").read_text())
+    assert (out / "toy_ablation_curves.png").is_file() and (out / "toy_ablation_samples.png").is_file()
+
+    assert payload["variants"] == ["vanilla", "full"]
+    assert [(r["variant"], r["seed"]) for r in payload["runs"]] == [("vanilla", 0), ("full", 0)]
+    for v in ("vanilla", "full"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {VARIANTS[v].label} |"))
+        assert "–" not in row.split("|")[3:8], row  # FID-T, FID, accuracies and s/it are all present
+        s = payload["summary"][v]
+        for key in (
+            "fid_teacher",
+            "fid_renders",
+            "accuracy_all",
+            "accuracy_heldout",
+            "seconds_per_iteration",
+        ):
+            assert math.isfinite(s[key]["mean"]), (v, key)
+    assert payload["summary"]["vanilla"]["time_vs_vanilla"] == 1.0
+    assert "senseflow toy ablate --seeds 0 --variants vanilla full" in md
+    assert len(payload["reference"]) == 3 and "FID-T floor" in md
+
+    final = tmp_path / "runs" / "full" / "seed0" / "checkpoints" / "step-00000002" / "meta.json"
+    stamp = final.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_args(tiny_teacher_dir, tmp_path)) == 0
+    log = capsys.readouterr().out
+    assert log.count("skip training") == 2 and log.count("skip measuring") == 2
+    assert "reference: cached" in log
+    assert final.stat().st_mtime_ns == stamp
+    assert json.loads((out / "toy_ablation.json").read_text())["summary"] == payload["summary"]
+
+
+def test_ablate_rejects_unknown_variant(tiny_teacher_dir, tmp_path, capsys):
+    args = _args(tiny_teacher_dir, tmp_path)
+    args[args.index("full")] = "nonsense"
+    assert main(args) == 2
+    assert "unknown nonsense" in capsys.readouterr().err
