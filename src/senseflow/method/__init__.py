@@ -9,9 +9,11 @@ Networks enter only as callables ``fn(x, level)``; family differences are carrie
 * :mod:`~senseflow.method.isg` — intra-segment guidance (§6).
 * :mod:`~senseflow.method.backward_sim` — backward simulation and student samplers (§7).
 * :mod:`~senseflow.method.gan` — GAN losses and time weights (§8).
+* :mod:`~senseflow.method.diffaug` — DiffAugment of the discriminator's input (§8.1).
 """
 
 from senseflow.method.backward_sim import X0Fn, as_x0_fn, backward_simulate, student_sample
+from senseflow.method.diffaug import DiffAugParams, diffaug, draw_diffaug_params, neutral_diffaug_params
 from senseflow.method.dmd import DMDOutput, dmd_loss, draw_guidance, sample_levels
 from senseflow.method.fake_score import fake_score_loss
 from senseflow.method.gan import (
@@ -27,6 +29,7 @@ from senseflow.method.isg import ISGTargets, OutputFn, isg_loss, isg_targets, is
 
 __all__ = [
     "DMDOutput",
+    "DiffAugParams",
     "ISGTargets",
     "OutputFn",
     "TimeWeight",
@@ -34,7 +37,9 @@ __all__ = [
     "as_x0_fn",
     "backward_simulate",
     "check_ida_compatible",
+    "diffaug",
     "dmd_loss",
+    "draw_diffaug_params",
     "draw_guidance",
     "fake_score_loss",
     "hinge_d_loss",
@@ -43,6 +48,7 @@ __all__ = [
     "isg_loss",
     "isg_targets",
     "isg_x0_targets",
+    "neutral_diffaug_params",
     "nonsaturating_d_loss",
     "nonsaturating_g_loss",
     "sample_levels",

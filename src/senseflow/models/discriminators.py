@@ -6,18 +6,37 @@ projection on a text embedding (logit = <head(h, w), text> / sqrt(C)). For the s
 backbone is a fixed, seeded random conv network (a different seed from the evaluator's feature
 network, so the GAN never optimises the metric's own features); the DINOv2 backbone plugs into
 the same class in its own module.
+
+``FakeScoreHeadDiscriminator`` is DMD2's discriminator (spec §8.2, ``gan.type = dmd2_head``): a small
+classification head on features of the fake score network, computed on inputs noised at a drawn
+level (DMD2's ``--diffusion_gan``).
+
+The interface the trainer relies on, shared by every discriminator:
+
+* ``input_space``: ``"pixels"`` (D sees decoded RGB in [-1, 1]: toy, VFM) or ``"model"`` (D sees
+  model-space samples, latents for latent teachers: the DMD2 head);
+* ``noised``: when True, ``forward(x, cond, level, noise)`` noises ``x`` itself with the given
+  (drawn) level and noise; otherwise ``forward(x, cond)``;
+* ``trainable_parameters()``: what D's optimizer holds;
+* ``forward`` returns logits ``[B, ...]`` (averaged per sample by the losses).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from senseflow.config.method import GANConfig
 from senseflow.models.adapter import Conditioning, FamilyAdapter
+
+InputSpace = Literal["pixels", "model"]
 
 
 class RandomConvBackbone(nn.Module):
@@ -67,6 +86,9 @@ class ProjectedHead(nn.Module):
 class ProjectedDiscriminator(nn.Module):
     """Spatial logits from every backbone depth, concatenated: [B, sum of H*W]."""
 
+    input_space: ClassVar[InputSpace] = "pixels"
+    noised: ClassVar[bool] = False
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -89,6 +111,112 @@ class ProjectedDiscriminator(nn.Module):
         return torch.cat([head(f, text) for head, f in zip(self.heads, feats, strict=True)], dim=1)
 
 
+@contextmanager
+def _weights_frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` leave the autograd graph (no ``.grad``), activations stay in it."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _feature_blocks(net: nn.Module) -> nn.ModuleList:
+    """The blocks a DMD2 head can attach to: the DiT's (double-stream) ``transformer_blocks``."""
+    blocks = getattr(net, "transformer_blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ValueError(
+            f"gan.type 'dmd2_head' needs a fake score with transformer_blocks (a DiT); "
+            f"{type(net).__name__} has none in this version"
+        )
+    return blocks
+
+
+def _feature_width(net: nn.Module) -> int:
+    width = getattr(net, "inner_dim", None)
+    if width is None:
+        raise ValueError(f"gan.type 'dmd2_head': cannot read the feature width of {type(net).__name__}")
+    return int(width)
+
+
+def _tokens(output: Tensor | tuple) -> Tensor:
+    """Image tokens [B, N, C] from a block output; diffusers' joint blocks return (text, image)."""
+    feat = output[-1] if isinstance(output, tuple) else output
+    if feat.ndim == 4:  # a feature map [B, C, H, W]
+        feat = feat.flatten(2).transpose(1, 2)
+    return feat
+
+
+class FakeScoreHeadDiscriminator(nn.Module):
+    """DMD2's classifier (spec §8.2): a head on the fake score's features at one block, one logit per sample.
+
+    ``x`` (model space) is noised to ``level`` with ``noise`` (both drawn by the trainer), the fake
+    score runs on it with the sample's prompt, and a forward hook captures the image-token output of
+    ``transformer_blocks[block]``. The head (LayerNorm, two Linear+SiLU layers on the tokens, a
+    mean over tokens, a Linear to one logit) is the only trainable part. The fake network is held by
+    reference, not as a submodule, so it is neither in this module's state dict nor in its DDP
+    wrapper, and its weights are kept out of the graph during the forward: D's loss never gives
+    them a gradient, while the generator's adversarial gradient still flows through the fake
+    network's activations back to ``x``.
+    """
+
+    input_space: ClassVar[InputSpace] = "model"
+    noised: ClassVar[bool] = True
+
+    def __init__(self, adapter: FamilyAdapter, fake_score: nn.Module, block: int | None = None):
+        super().__init__()
+        blocks = _feature_blocks(fake_score)
+        self.feature_block = len(blocks) // 2 if block is None else int(block)
+        if not 0 <= self.feature_block < len(blocks):
+            raise ValueError(
+                f"gan.feature_blocks: block {self.feature_block} is out of range for a fake score with "
+                f"{len(blocks)} transformer_blocks"
+            )
+        self.adapter = adapter
+        self._fake = (fake_score,)  # a tuple, so that nn.Module does not register it as a submodule
+        width = _feature_width(fake_score)
+        self.head = nn.Sequential(
+            nn.LayerNorm(width),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+        )
+        self.out = nn.Linear(width, 1)
+        device = next(fake_score.parameters()).device
+        self.to(device)
+
+    @property
+    def fake_score(self) -> nn.Module:
+        return self._fake[0]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def features(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """Image tokens [B, N, C] of the hooked block of the fake score at ``x_t``."""
+        fake = self.fake_score
+        captured: list[Tensor] = []
+        hook = _feature_blocks(fake)[self.feature_block].register_forward_hook(
+            lambda _module, _inputs, output: captured.append(_tokens(output))
+        )
+        try:
+            with _weights_frozen(fake):
+                self.adapter.predict(fake, x_t, level, cond)
+        finally:
+            hook.remove()
+        return captured[0]
+
+    def forward(self, x: Tensor, cond: Conditioning, level: Tensor, noise: Tensor) -> Tensor:
+        x_t = self.adapter.param.add_noise(x, noise.to(x), level)
+        tokens = self.features(x_t, level, cond)
+        h = self.head(tokens.to(self.out.weight.dtype))
+        return self.out(h.mean(dim=1))  # [B, 1]
+
+
 # The toy discriminator's architecture (fixed, like a pretrained backbone's): three stride-2 layers
 # of a seeded random conv net (32x32 -> 16, 8, 4), one projected head per layer.
 TOY_BACKBONE_CHANNELS = (32, 64, 64)
@@ -96,12 +224,30 @@ TOY_BACKBONE_SEED = 1234  # differs from the evaluator's feature network (seed 0
 TOY_HEAD_HIDDEN = 32
 
 
-def build_discriminator(gan_type: str, adapter: FamilyAdapter) -> ProjectedDiscriminator | None:
-    """The discriminator named by ``method.gan.type`` (None for 'none')."""
-    if gan_type == "none":
+def head_block(gan: GANConfig) -> int | None:
+    """The fake-score block of the DMD2 head: ``gan.feature_blocks`` when it names exactly one block.
+
+    Where DMD2's head attaches on a DiT is unknown (§12.10). A one-entry ``feature_blocks`` chooses
+    the block; any other value (e.g. the VFM's block list, the default) means the middle block,
+    ``len(transformer_blocks) // 2``.
+    """
+    return gan.feature_blocks[0] if len(gan.feature_blocks) == 1 else None
+
+
+def build_discriminator(
+    gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.Module | None = None
+) -> nn.Module | None:
+    """The discriminator named by ``gan.type`` (None for 'none'); 'dmd2_head' needs ``fake_score``."""
+    if gan.type == "none":
         return None
-    if gan_type == "toy":
+    if gan.type == "toy":
         text_dim = adapter.null_conditioning(1).tensors["pooled"].shape[-1]
         backbone = RandomConvBackbone(TOY_BACKBONE_CHANNELS, seed=TOY_BACKBONE_SEED)
         return ProjectedDiscriminator(backbone, TOY_BACKBONE_CHANNELS, TOY_HEAD_HIDDEN, text_dim)
-    raise ValueError(f"method.gan.type: '{gan_type}' is not available in this version (available: toy, none)")
+    if gan.type == "dmd2_head":
+        if fake_score is None:
+            raise ValueError("method.gan.type 'dmd2_head' needs the fake score network")
+        return FakeScoreHeadDiscriminator(adapter, fake_score, head_block(gan))
+    raise ValueError(
+        f"method.gan.type: '{gan.type}' is not available in this version (available: toy, dmd2_head, none)"
+    )

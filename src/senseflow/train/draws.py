@@ -7,6 +7,7 @@ same result on any number of ranks (per-sample randomness), which is what the DD
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -14,7 +15,33 @@ from torch import Tensor
 
 from senseflow.config.schema import MethodConfig
 from senseflow.core.parameterisation import Parameterisation
-from senseflow.method import draw_guidance, sample_levels, sample_t_mid
+from senseflow.method import DiffAugParams, draw_diffaug_params, draw_guidance, sample_levels, sample_t_mid
+
+
+@dataclass
+class DiscDraws:
+    """Randomness of one discriminator pass (real, fake or the generator's): per sample, [G, ...]."""
+
+    aug: DiffAugParams | None  # DiffAugment parameters (None without a policy)
+    level: Tensor | None  # noise level of a noised discriminator (DMD2 head; None otherwise)
+    noise: Tensor | None  # [G, *D input shape]
+
+    def slice(self, start: int, stop: int) -> DiscDraws:
+        aug = None if self.aug is None else {k: v[start:stop] for k, v in self.aug.items()}
+        return DiscDraws(
+            aug=aug,
+            level=None if self.level is None else self.level[start:stop],
+            noise=None if self.noise is None else self.noise[start:stop],
+        )
+
+    def cat(self, other: DiscDraws) -> DiscDraws:
+        """Both passes' draws for one batched forward (``self`` first)."""
+        aug = None if self.aug is None else {k: torch.cat([v, other.aug[k]]) for k, v in self.aug.items()}
+        return DiscDraws(
+            aug=aug,
+            level=None if self.level is None else torch.cat([self.level, other.level]),
+            noise=None if self.noise is None else torch.cat([self.noise, other.noise]),
+        )
 
 
 @dataclass
@@ -30,6 +57,11 @@ class StepDraws:
     isg_guidance: Tensor | None  # [G]
     fake_level: Tensor  # [G]
     fake_noise: Tensor  # [G, ...]
+    # Discriminator passes (None without discriminator randomness): D step on real and on fake, and
+    # the generator's adversarial term; drawn after everything else so the draws above never move.
+    disc_real: DiscDraws | None = None
+    disc_fake: DiscDraws | None = None
+    disc_gen: DiscDraws | None = None
 
     def slice(self, start: int, stop: int) -> StepDraws:
         """This rank's part (simulation noise is sliced along its batch axis, 1)."""
@@ -38,6 +70,8 @@ class StepDraws:
             v = getattr(self, f.name)
             if v is None:
                 out[f.name] = None
+            elif isinstance(v, DiscDraws):
+                out[f.name] = v.slice(start, stop)
             elif f.name == "simulation_noise":
                 out[f.name] = v[:, start:stop]
             else:
@@ -63,7 +97,17 @@ def draw_step(
     per_rank_batch: int,
     seed: int,
     iteration: int,
+    *,
+    disc_shape: Sequence[int] | None = None,
+    disc_noised: bool = False,
 ) -> StepDraws:
+    """All draws of ``iteration`` for the global batch.
+
+    ``disc_shape`` is the shape of one discriminator input (pixels or model space, per the
+    discriminator's ``input_space``); with it, each of the three discriminator passes gets its own
+    per-sample DiffAugment parameters (``method.gan.diffaug``) and, for a noised discriminator
+    (``disc_noised``, the DMD2 head), a level uniform over the whole grid and a noise.
+    """
     g = step_generator(seed, iteration)
     G, K = global_batch, anchor_levels.shape[0]
     group = per_rank_batch if method.randomness == "per_rank" else 1
@@ -84,6 +128,15 @@ def draw_step(
         isg_guidance = draw_guidance(method.isg.teacher_guidance, G, generator=g)
     fake_level = sample_levels(method.fake.timestep_dist, G, param, generator=g)
     fake_noise = torch.randn((G, *sample_shape), generator=g)
+    disc = {}
+    if disc_shape is not None and (method.gan.diffaug or disc_noised):
+        for role in ("real", "fake", "gen"):
+            aug = draw_diffaug_params(method.gan.diffaug, G, disc_shape, g) if method.gan.diffaug else None
+            level = noise = None
+            if disc_noised:
+                level = param.level_from_grid(torch.randint(0, param.grid_max + 1, (G,), generator=g))
+                noise = torch.randn((G, *disc_shape), generator=g)
+            disc[f"disc_{role}"] = DiscDraws(aug=aug, level=level, noise=noise)
     return StepDraws(
         anchor_index=anchor_index,
         simulate=simulate,
@@ -96,4 +149,5 @@ def draw_step(
         isg_guidance=isg_guidance,
         fake_level=fake_level,
         fake_noise=fake_noise,
+        **disc,
     )

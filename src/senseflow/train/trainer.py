@@ -24,6 +24,7 @@ from senseflow.method import (
     as_x0_fn,
     backward_simulate,
     check_ida_compatible,
+    diffaug,
     dmd_loss,
     fake_score_loss,
     hinge_d_loss,
@@ -41,7 +42,7 @@ from senseflow.models.adapter import Conditioning
 from senseflow.models.discriminators import build_discriminator
 from senseflow.train import checkpoint as ckpt
 from senseflow.train.data import build_data
-from senseflow.train.draws import StepDraws, draw_step
+from senseflow.train.draws import DiscDraws, StepDraws, draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
 from senseflow.train.samples import save_sample_grid
 
@@ -73,7 +74,7 @@ class Distiller:
             check_ida_compatible(nets.fake_score, nets.generator)
         self.teacher, self.generator, self.fake_score = nets.teacher, nets.generator, nets.fake_score
         torch.manual_seed(cfg.seed)  # new parameters (discriminator heads) start alike on every rank and run
-        self.discriminator = build_discriminator(cfg.method.gan.type, self.adapter)
+        self.discriminator = build_discriminator(cfg.method.gan, self.adapter, self.fake_score)
         wrap = self.adapter.parallelize
         strategy = cfg.parallel.strategy
         self.generator_ddp = wrap(self.generator, strategy)
@@ -132,6 +133,16 @@ class Distiller:
     def _gan_weights(self, level_j: Tensor) -> Tensor:
         return time_weight(self.cfg.method.gan.time_weight or "constant", level_j, self.param)
 
+    def _discriminate(self, disc, x: Tensor, cond: Conditioning, draws: DiscDraws | None) -> Tensor:
+        """D's logits on ``x`` (in D's input space) after DiffAugment, with D's noise if it is noised."""
+        if draws is not None and draws.aug is not None:
+            x = diffaug(x, draws.aug)
+        if self.discriminator.noised:
+            if draws is None or draws.level is None:
+                raise ValueError("a noised discriminator needs its drawn levels and noise")
+            return disc(x, cond, draws.level, draws.noise)
+        return disc(x, cond)
+
     def _generator_losses(self, x_in, out_in, x0, d: StepDraws, cond) -> tuple[Tensor, dict]:
         m, p = self.cfg.method, self.param
         x_t = p.add_noise(x0, d.dmd_noise, d.dmd_level).detach()
@@ -149,7 +160,8 @@ class Distiller:
         level_j, level_next = self.levels[d.anchor_index], self.levels[d.anchor_index + 1]
         if self.discriminator is not None and m.gan.weight:
             # The unwrapped discriminator: its parameter gradients from this loss are discarded.
-            logits = self.discriminator(self.adapter.decode(x0), cond)
+            x_d = self.adapter.decode(x0) if self.discriminator.input_space == "pixels" else x0
+            logits = self._discriminate(self.discriminator, x_d, cond, d.disc_gen)
             g_loss = hinge_g_loss if m.gan.type != "dmd2_head" else nonsaturating_g_loss
             adv = g_loss(logits, self._gan_weights(level_j))
             total = total + m.gan.weight * adv
@@ -192,6 +204,8 @@ class Distiller:
             self.batch,
             cfg.seed,
             n,
+            disc_shape=self._disc_shape(images, x_real),
+            disc_noised=self.discriminator is not None and self.discriminator.noised,
         ).slice(lo, hi)
         cond = self.adapter.encode_prompts(prompts)
         x_in = self._input(x_real, d, cond)
@@ -225,16 +239,28 @@ class Distiller:
             self._step("fake_score", fake, self.fake_score.parameters())
         decoded = self.adapter.decode(x0)
         if self.discriminator is not None:
-            logs.update(self._discriminator_step(images, decoded, cond, level_j, losses))
+            pixels = self.discriminator.input_space == "pixels"
+            real_d, fake_d = (images, decoded) if pixels else (x_real, x0)
+            logs.update(self._discriminator_step(real_d, fake_d, cond, level_j, losses, d))
         logs.update(image_stats(decoded, cfg.health))
         self.guard.end_iteration(non_finite(losses), n)
         self.iteration += 1
         return logs
 
-    def _discriminator_step(self, images, decoded, cond, level_j, losses) -> dict[str, float]:
+    def _disc_shape(self, images: Tensor, x_real: Tensor) -> tuple[int, ...] | None:
+        """Shape of one discriminator input (decoded RGB or model space), for its draws."""
+        if self.discriminator is None:
+            return None
+        return tuple((images if self.discriminator.input_space == "pixels" else x_real).shape[1:])
+
+    def _discriminator_step(
+        self, real, fake, cond, level_j, losses, d: StepDraws | None = None
+    ) -> dict[str, float]:
+        """D's update on ``real`` and sg(``fake``), both in D's input space (RGB or model space)."""
         gan = self.cfg.method.gan
+        draws = None if d is None or d.disc_real is None else d.disc_real.cat(d.disc_fake)
         # One forward over real and fake together: DDP pairs each forward with one backward.
-        logits = self.disc_ddp(torch.cat([images, decoded]), cond.cat(cond))
+        logits = self._discriminate(self.disc_ddp, torch.cat([real, fake]), cond.cat(cond), draws)
         real_logits, fake_logits = logits.chunk(2)
         d_loss = hinge_d_loss if gan.type != "dmd2_head" else nonsaturating_d_loss
         loss = gan.disc_weight * d_loss(real_logits, fake_logits, self._gan_weights(level_j))
