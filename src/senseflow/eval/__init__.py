@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets, metric runs and result records."""
