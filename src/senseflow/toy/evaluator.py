@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from senseflow.metrics.image_io import quantise
 from senseflow.toy.world import BACKGROUND, COLOURS, SceneSpec, parse_prompt
 
 # --- thresholds -----------------------------------------------------------------------------------
@@ -373,16 +374,10 @@ def evaluate(images: np.ndarray, prompts: Sequence[str]) -> dict:
 
 
 def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """The project's one quantisation of model outputs: [-1, 1] NCHW (or CHW) -> uint8 NHWC (HWC).
+    """The toy world's quantisation of model outputs: [-1, 1] NCHW (or CHW) -> uint8 NHWC (HWC).
 
-    Computed on the CPU in float32 as ``round((clamp(x, -1, 1) + 1) * 127.5)`` with round-half-to-even,
-    so the same tensor gives the same bytes whatever device produced it. Non-finite values raise.
+    ``round((clamp(x, -1, 1) + 1) * 127.5)`` with round-half-to-even, i.e. the project's shared
+    ``quantise`` with the ``round`` rule: it inverts the renderer's ``v / 127.5 - 1`` exactly, which
+    truncation would not. Non-finite values raise.
     """
-    t = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float32)
-    if t.ndim not in (3, 4):
-        raise ValueError(f"expected NCHW or CHW, got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError("model output holds non-finite values")
-    q = torch.round((t.clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)
-    q = q.permute(0, 2, 3, 1) if q.ndim == 4 else q.permute(1, 2, 0)
-    return np.ascontiguousarray(q.numpy())
+    return quantise(x, rule="round")
