@@ -216,3 +216,11 @@ def test_resume_is_bit_exact_with_diffaug(tiny_teacher_dir, tmp_path, gan):
     )
     resumed.run()
     _assert_identical(_weights(straight, 6), _weights(split, 6))
+
+
+def test_unsupported_settings_are_refused(tiny_teacher_dir, tmp_path):
+    cfg = _cfg(
+        tiny_teacher_dir, tmp_path, "precision.param_dtype=bf16", "parallel.gradient_checkpointing=true"
+    )
+    with pytest.raises(ValueError, match=r"precision.param_dtype=bf16.*gradient_checkpointing"):
+        Distiller(cfg, progress=False)

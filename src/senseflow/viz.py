@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 PAD = 2
 PAD_COLOUR = (255, 255, 255)
-LABEL_WIDTH = 150
+LABEL_WIDTH = 210
 LABEL_COLOUR = (0, 0, 0)
 
 

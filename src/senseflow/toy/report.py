@@ -84,7 +84,7 @@ def write_teacher_report(
     pick = np.linspace(per_split, n - 1, GRID_PROMPTS).astype(int)  # test and held-out prompts
     grid_names = [name for name in grid_rows if REFERENCE_SET_LABEL not in name]
     grid = save_image(
-        labelled_rows([grid_rows[k][pick] for k in grid_names], [k.split(",")[0] for k in grid_names]),
+        labelled_rows([grid_rows[k][pick] for k in grid_names], grid_names),
         stem.with_name(stem.name + "_grid.png"),
     )
     summary = json.loads((teacher.folder / "train_summary.json").read_text())

@@ -53,6 +53,9 @@ class TextArch(_Strict):
 
 
 class TeacherTraining(_Strict):
+    init_from: str | None = Field(
+        None, description="A teacher folder whose transformer weights start the training (fine-tuning)."
+    )
     steps: int = Field(4000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
@@ -138,6 +141,11 @@ def train_teacher(cfg: ToyTeacherConfig, out_dir: Path, progress: bool = True) -
 
     torch.manual_seed(cfg.seed)
     model = build_transformer(cfg).train()
+    if t.init_from is not None:
+        init = Path(t.init_from) / "transformer"
+        if not init.is_dir():
+            raise FileNotFoundError(f"train.init_from: {init} is not a transformer folder")
+        model.load_state_dict(SD3Transformer2DModel.from_pretrained(init).state_dict(), strict=True)
     ema = build_transformer(cfg).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
@@ -188,6 +196,13 @@ def train_teacher(cfg: ToyTeacherConfig, out_dir: Path, progress: bool = True) -
     log.close()
     ema.save_pretrained(out_dir / "transformer")
     summary = {"train_seconds": round(time.perf_counter() - start, 1), "steps": t.steps}
+    if t.init_from is not None:  # carry the history of the run it started from
+        previous = json.loads((Path(t.init_from) / "train_summary.json").read_text())
+        summary["history"] = [
+            *previous.get("history", [previous]),
+            {"steps": t.steps, "init_from": t.init_from},
+        ]
+        summary["total_steps"] = sum(h["steps"] for h in summary["history"])
     summary["parameters"] = sum(p.numel() for p in ema.parameters())
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return out_dir

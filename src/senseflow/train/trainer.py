@@ -60,8 +60,30 @@ def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kwargs)
 
 
+def _check_supported(cfg: DistillConfig) -> None:
+    """Refuse settings this version would otherwise silently ignore."""
+    p = cfg.precision
+    unsupported = [
+        f"precision.{name}={value}"
+        for name, value in (
+            ("param_dtype", p.param_dtype),
+            ("autocast_dtype", p.autocast_dtype),
+            ("teacher_dtype", p.teacher_dtype),
+        )
+        if value != "fp32"
+    ]
+    if cfg.parallel.gradient_checkpointing:
+        unsupported.append("parallel.gradient_checkpointing=true")
+    if unsupported:
+        raise ValueError(
+            "not supported by this trainer version yet (it trains in float32 on the CPU): "
+            + ", ".join(unsupported)
+        )
+
+
 class Distiller:
     def __init__(self, cfg: DistillConfig, progress: bool = True):
+        _check_supported(cfg)
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
