@@ -97,13 +97,19 @@ def write_teacher_report(
         "software": {"python": platform.python_version(), "torch": torch.__version__},
     }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    minutes = summary.get("total_train_seconds", summary["train_seconds"]) / 60
+    command = (
+        f"senseflow toy report-teacher --per-split {per_split} --seed {seed} "
+        f"--steps {' '.join(map(str, steps))} --guidance {' '.join(map(str, guidance))}"
+    )
     grid_prompts = "\n".join(f"{i + 1}. {prompts.prompts[j]}" for i, j in enumerate(pick))
     out_markdown.write_text(
         f"""# Toy teacher: measured quality
 
 Teacher: `{teacher.folder.name}` — `SD3Transformer2DModel`, {summary["parameters"]:,} parameters, pixel space
-32x32, trained for {summary["steps"]} steps in {summary["train_seconds"] / 60:.1f} min on this machine's CPU
-(`senseflow toy train-teacher`, recipe in the teacher folder's `recipe.yaml`).
+32x32, trained for {summary.get("total_steps", summary["steps"])} steps in
+{minutes:.1f} min on this machine's CPU (`senseflow toy train-teacher`;
+the recipe is the teacher folder's `recipe.yaml`, the stages are in its `train_summary.json`).
 
 {n} prompts ({per_split} each from the train, test and held-out splits; held-out prompts use
 colour-shape pairs never seen in training), one image per prompt, seed = prompt index. Accuracy is
@@ -125,7 +131,7 @@ Grid (`{grid.name}`), one column per prompt, rows as labelled:
 Reproduce (about {sum(r.seconds for r in reports) / 60:.0f} min of sampling on 2 CPU cores):
 
 ```
-senseflow toy report-teacher --per-split {per_split} --seed {seed}
+{command}
 ```
 """
     )
