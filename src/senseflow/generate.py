@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from senseflow.metrics.image_io import quantise
 from senseflow.student import Student
-from senseflow.toy.evaluator import to_uint8
 from senseflow.viz import image_grid, save_image
 
 GRID_COLUMNS = 8
@@ -29,7 +29,7 @@ def generate(student: Student, prompts: list[str], seed: int, sampler: str, out_
     """Write ``NNNNN.png`` per prompt (seed = seed + index), ``index.jsonl`` and ``grid.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [seed + i for i in range(len(prompts))]
-    images = to_uint8(student.sample(prompts, seeds, mode=sampler))
+    images = quantise(student.sample(prompts, seeds, mode=sampler), rule="round")
     with (out_dir / "index.jsonl").open("w") as index:
         for i, (img, prompt, s) in enumerate(zip(images, prompts, seeds, strict=True)):
             name = f"{i:05d}.png"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 from torch import Tensor, nn
 
 from senseflow.config.schema import AnchorsConfig
@@ -25,7 +25,7 @@ from senseflow.core.timesteps import (
 )
 from senseflow.models.adapter import Conditioning, FamilyAdapter, Networks
 from senseflow.sampling import CfgConvention
-from senseflow.toy.pipeline import REQUIRED_SUBFOLDERS, shipped_teacher_path
+from senseflow.toy.pipeline import load_flow_schedule, resolve_teacher_folder
 from senseflow.toy.text import PromptEncoder
 
 
@@ -44,14 +44,8 @@ class ToyAdapter(FamilyAdapter):
     guidance_kind = "cfg"
 
     def __init__(self, teacher: str | Path | None, anchors: AnchorsConfig, cfg_convention: CfgConvention):
-        self.folder = Path(teacher) if teacher is not None else shipped_teacher_path()
-        missing = [s for s in REQUIRED_SUBFOLDERS if not (self.folder / s).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"model.teacher: {self.folder} lacks {', '.join(missing)}/")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.folder, subfolder="scheduler")
-        self.schedule = FlowSchedule(
-            num_train_timesteps=scheduler.config.num_train_timesteps, shift=scheduler.config.shift
-        )
+        self.folder = resolve_teacher_folder(teacher, what="model.teacher:")
+        self.schedule = load_flow_schedule(self.folder)
         self.param = FlowParameterisation(
             self.schedule, grid="sigma" if anchors.units == "sigma" else "table"
         )

@@ -30,23 +30,34 @@ def shipped_teacher_path() -> Path:
     return Path(str(resources.files("senseflow") / "assets" / "toy_teacher"))
 
 
+def resolve_teacher_folder(folder: str | Path | None, what: str = "teacher folder") -> Path:
+    """The teacher folder (the shipped one for None), checked for the pipeline layout."""
+    folder = Path(folder) if folder is not None else shipped_teacher_path()
+    missing = [s for s in REQUIRED_SUBFOLDERS if not (folder / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{what} {folder} lacks {', '.join(missing)}/ (expected a pipeline layout with "
+            f"{', '.join(REQUIRED_SUBFOLDERS)}; `senseflow toy train-teacher` writes one)"
+        )
+    return folder
+
+
+def load_flow_schedule(folder: Path) -> FlowSchedule:
+    """The teacher's noise schedule, read from its diffusers scheduler config."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    return FlowSchedule(
+        num_train_timesteps=scheduler.config.num_train_timesteps, shift=scheduler.config.shift
+    )
+
+
 class ToyTeacher:
     def __init__(self, folder: str | Path | None = None, cfg_convention: CfgConvention = "uncond_plus"):
-        folder = Path(folder) if folder is not None else shipped_teacher_path()
-        missing = [s for s in REQUIRED_SUBFOLDERS if not (folder / s).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"teacher folder {folder} lacks {', '.join(missing)}/ (expected a pipeline layout with "
-                f"{', '.join(REQUIRED_SUBFOLDERS)}; `senseflow toy train-teacher` writes one)"
-            )
+        folder = resolve_teacher_folder(folder)
         self.folder = folder
         self.recipe = load_config(folder / RECIPE_FILE, schema=ToyTeacherConfig)
         self.transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
         self.transformer.requires_grad_(False)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
-        self.schedule = FlowSchedule(
-            num_train_timesteps=scheduler.config.num_train_timesteps, shift=scheduler.config.shift
-        )
+        self.schedule = load_flow_schedule(folder)
         self.encoder = PromptEncoder(folder)
         self.cfg_convention = cfg_convention
         self.image_shape = (self.transformer.config.in_channels, IMAGE_SIZE, IMAGE_SIZE)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from senseflow.metrics.image_io import quantise
 from senseflow.student import few_step_sample
-from senseflow.toy.evaluator import to_uint8
 from senseflow.viz import image_grid, save_image
 
 if TYPE_CHECKING:
@@ -32,5 +32,5 @@ def save_sample_grid(distiller: Distiller, path: Path) -> Path:
         all_seeds,
         log.sample_sampler,
     )
-    images = to_uint8(images)
+    images = quantise(images, rule="round")
     return save_image(image_grid(np.asarray(images), ncols=len(prompts)), path)
