@@ -10,6 +10,7 @@ from senseflow.config.loader import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     from senseflow.demo import add_parser as add_demo
+    from senseflow.eval.cli import add_parser as add_eval
     from senseflow.generate import add_parser as add_generate
     from senseflow.toy.cli import add_parser as add_toy
     from senseflow.train.cli import add_parser as add_train
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo(sub)
     add_train(sub)
     add_generate(sub)
+    add_eval(sub)
     add_toy(sub)
     return parser
 

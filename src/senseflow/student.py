@@ -51,8 +51,11 @@ def few_step_sample(
 
 
 class Student:
-    def __init__(self, cfg: DistillConfig, generator_weights: dict[str, Tensor]):
+    def __init__(
+        self, cfg: DistillConfig, generator_weights: dict[str, Tensor], checkpoint: Path | None = None
+    ):
         self.cfg = cfg
+        self.checkpoint = checkpoint  # the checkpoint folder the weights came from, if any
         self.adapter = build_adapter(cfg)
         nets = self.adapter.build_networks()
         self.generator = nets.generator.eval().requires_grad_(False)
@@ -67,7 +70,7 @@ class Student:
         if path is None or not (path / ckpt.META).is_file():
             raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'} (train first)")
         cfg = load_config(path / ckpt.CONFIG)
-        return cls(cfg, load_file(str(path / "generator.safetensors")))
+        return cls(cfg, load_file(str(path / "generator.safetensors")), checkpoint=path)
 
     @torch.no_grad()
     def sample(

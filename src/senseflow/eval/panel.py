@@ -1,0 +1,250 @@
+"""The metric panel of ``senseflow eval``: load each enabled metric once, then score image sets.
+
+FID-T and Patch FID-T compare a model's images with the reference's (the teacher's) through the
+Inception extractor and the per-folder feature cache of :mod:`senseflow.metrics.fid`; the pair
+scorers (CLIP score, HPSv2, PickScore, ImageReward) score (image, prompt) pairs; the shapes world adds
+its rule-based attribute accuracy and FID-T on its own seeded features. Every weight file is located
+through :func:`senseflow.metrics.weights.resolve` (explicit path, else the weights root's manifest
+entry) and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from senseflow.eval.config import EvalConfig
+from senseflow.eval.images import ImageSet, prompts_sha256
+from senseflow.metrics.weights import ResolvedWeights, resolve
+
+__all__ = ["Panel", "PromptSet", "load_prompts"]
+
+#: Result-record key of each pair scorer, in the column order of the paper's Table 1.
+PAIR_METRICS = ("clip_score", "hpsv2", "pickscore", "imagereward")
+PATCH_PRESET = "center299_patch"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: list[str]
+    info: dict[str, Any]  # the record's "prompts" block
+
+
+def load_prompts(cfg: EvalConfig) -> PromptSet:
+    """The prompts of the recipe with their provenance (spec §12 ``prompts``)."""
+    pc = cfg.prompts
+    info: dict[str, Any] = {
+        "set": pc.name,
+        "file": pc.path,
+        "file_sha256": None,
+        "source_sha256": None,
+        "selection_rule": None,
+        "selection_model": None,
+    }
+    if pc.kind == "toy":
+        from senseflow.toy.quality import PromptSet as ToyPrompts
+
+        prompts = ToyPrompts.sample(pc.toy_splits, pc.toy_per_split, seed=pc.toy_seed).prompts
+        info.update(
+            set=pc.name or "toy",
+            selection_rule=f"toy grammar: {pc.toy_per_split} per split "
+            f"{'/'.join(pc.toy_splits)}, seed {pc.toy_seed}",
+        )
+    else:
+        from senseflow.eval.prompts import read_prompt_lines, read_prompt_tsv, sha256_file
+
+        path = Path(pc.path or "").expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts.path: no such file {path}")
+        prompts = read_prompt_tsv(path).prompts if pc.kind == "tsv" else list(read_prompt_lines(path).prompts)
+        info.update(set=pc.name or path.stem, file_sha256=sha256_file(path))
+        provenance = path.with_name(f"{path.stem}.provenance.json")
+        if provenance.is_file():
+            prov = json.loads(provenance.read_text())
+            info.update(
+                source_sha256=prov.get("source_sha256"),
+                selection_rule=prov.get("selection_rule"),
+                selection_model=prov.get("selection_model"),
+            )
+    if pc.limit is not None:
+        prompts = prompts[: pc.limit]
+    if not prompts:
+        raise ValueError("the prompt set is empty")
+    info.update(count=len(prompts), prompts_sha256=prompts_sha256(prompts))
+    return PromptSet(prompts, info)
+
+
+def _weights(name: str, explicit: str | None, cfg: EvalConfig) -> ResolvedWeights:
+    """Explicit paths are the user's choice (hashed and recorded); manifest locations are verified."""
+    return resolve(name, explicit, root=cfg.weights_root, verify=explicit is None)
+
+
+@dataclass
+class Panel:
+    """The enabled metrics, loaded once; :meth:`score` measures one image set."""
+
+    cfg: EvalConfig
+    cache_dir: Path
+    progress: bool = True
+    extractor: Any = None
+    scorers: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, cfg: EvalConfig, cache_dir: Path, progress: bool = True) -> Panel:
+        panel = cls(cfg, cache_dir, progress)
+        m, device, dtype = cfg.metrics, cfg.device, cfg.metrics.dtype
+        if m.fid.enabled:
+            from senseflow.metrics.fid import load_extractor
+
+            w = _weights(m.fid.weights_name, m.fid.extractor, cfg)
+            panel.extractor = load_extractor(w.path, device=device, expected_sha256=None)
+            panel._note(w)
+        if m.clip_score.enabled:
+            from senseflow.metrics.clip_score import ClipScorer
+
+            w = _weights(m.clip_score.weights_name, m.clip_score.path, cfg)
+            panel.scorers["clip_score"] = ClipScorer.from_path(
+                w.path,
+                tokenizer=m.clip_score.tokenizer,
+                backbone=m.clip_score.backbone,
+                pretrained=m.clip_score.pretrained,
+                prefix=m.clip_score.prefix,
+                pre_resize=m.clip_score.pre_resize,
+                device=device,
+                dtype=dtype,
+                weights_sha256=w.sha256,
+            )
+            panel._note(w)
+        if m.hpsv2.enabled:
+            from senseflow.metrics.hps import HPSv2Scorer
+
+            version = m.hpsv2.version or ""
+            w = _weights(f"hps.{version}", m.hpsv2.path, cfg)
+            panel.scorers["hpsv2"] = HPSv2Scorer.from_path(
+                w.path,
+                version=version,
+                tokenizer=m.hpsv2.tokenizer,
+                antialias=m.hpsv2.antialias,
+                device=device,
+                **{k: v for k in ("vision_heads", "text_heads") if (v := getattr(m.hpsv2, k)) is not None},
+                dtype=dtype,
+                weights_sha256=w.sha256,
+            )
+            panel._note(w)
+        if m.pickscore.enabled:
+            from senseflow.metrics.pickscore import PickScoreScorer
+
+            w = _weights("pickscore.model", m.pickscore.path, cfg)
+            proc = _weights("pickscore.processor", m.pickscore.processor, cfg)
+            panel.scorers["pickscore"] = PickScoreScorer.from_path(
+                w.path, proc.path, device=device, dtype=dtype, weights_sha256=w.sha256
+            )
+            panel._note(w, proc)
+        if m.imagereward.enabled:
+            from senseflow.metrics.imagereward import ImageRewardScorer
+
+            w = _weights("imagereward.model", m.imagereward.path, cfg)
+            beside = str(w.path.parent / "med_config.json") if m.imagereward.path else None
+            med = _weights("imagereward.med_config", m.imagereward.med_config or beside, cfg)
+            tok = _weights("tokenizer.bert_base_uncased", m.imagereward.tokenizer, cfg)
+            panel.scorers["imagereward"] = ImageRewardScorer.from_path(
+                w.path,
+                med.path,
+                tok.path,
+                vision_heads=m.imagereward.vision_heads,
+                device=device,
+                dtype=dtype,
+                weights_sha256=w.sha256,
+            )
+            panel._note(w, med, tok)
+        return panel
+
+    def _note(self, *resolved: ResolvedWeights) -> None:
+        for w in resolved:
+            self.weights[w.name] = {"path": str(w.path), "sha256": w.sha256, "verified": w.verified}
+
+    # ------------------------------------------------------------------------------------ scoring
+
+    def _fid_features(self, images: ImageSet) -> dict[str, Any]:
+        from senseflow.metrics.fid import extract_folder
+
+        presets = [self.cfg.metrics.fid.preset] + ([PATCH_PRESET] if self.cfg.metrics.fid.patch else [])
+        return extract_folder(
+            images.folder,
+            self.extractor,
+            presets,
+            batch_size=self.cfg.metrics.fid.batch_size,
+            num_workers=self.cfg.metrics.fid.num_workers,
+            cache_dir=self.cache_dir / "fid",
+            set_id=images.key,
+            progress=self.progress,
+        )
+
+    def score(self, images: ImageSet, reference: ImageSet | None) -> tuple[dict[str, Any], list[dict]]:
+        """(the record's ``metrics`` block, per-image rows) of ``images``; FID-T needs ``reference``."""
+        metrics: dict[str, Any] = {"fid_t": None, "patch_fid_t": None}
+        per_image = [
+            {"index": i, "file": f.name, "prompt": p, "seed": s}
+            for i, (f, p, s) in enumerate(zip(images.files, images.prompts, images.seeds, strict=True))
+        ]
+        if self.extractor is not None and reference is not None:
+            from senseflow.metrics.fid import fid_between
+
+            ours, theirs = self._fid_features(images), self._fid_features(reference)
+            whole = self.cfg.metrics.fid.preset
+            metrics["fid_t"] = fid_between(ours[whole], theirs[whole], self.extractor).record()
+            if self.cfg.metrics.fid.patch:
+                metrics["patch_fid_t"] = fid_between(
+                    ours[PATCH_PRESET], theirs[PATCH_PRESET], self.extractor
+                ).record()
+        for key in PAIR_METRICS:
+            metrics[key] = None
+            scorer = self.scorers.get(key)
+            if scorer is None:
+                continue
+            values = self._pair_scores(key, scorer, images)
+            metrics[key] = scorer.result(values)
+            for row, v in zip(per_image, values, strict=True):
+                row[key] = float(v)
+        if self.cfg.toy_metrics:
+            metrics["toy"] = self._toy(images, reference, per_image)
+        return metrics, per_image
+
+    def _pair_scores(self, key: str, scorer: Any, images: ImageSet) -> np.ndarray:
+        batch = self.cfg.metrics.batch_size
+        chunks = range(0, len(images.files), batch)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc=f"{key} {images.name}", unit="batch")
+        out = []
+        for start in chunks:
+            idx = list(range(start, min(start + batch, len(images.files))))
+            out.append(
+                scorer.score(list(images.load(idx)), [images.prompts[i] for i in idx], batch_size=batch)
+            )
+        return np.concatenate(out)
+
+    def _toy(self, images: ImageSet, reference: ImageSet | None, per_image: list[dict]) -> dict[str, Any]:
+        from senseflow.metrics.frechet import fid_from_features
+        from senseflow.toy.evaluator import evaluate, parse_prompt, score_image
+        from senseflow.toy.features import FEATURE_DIM, extract_features
+
+        pixels = images.load()
+        accuracy = evaluate(pixels, images.prompts)
+        for row, image, prompt in zip(per_image, pixels, images.prompts, strict=True):
+            row["toy_all"] = bool(score_image(image, parse_prompt(prompt)).all)
+        fid = None
+        if reference is not None:
+            fid = fid_from_features(extract_features(pixels), extract_features(reference.load()))
+        return {
+            "fid_t": fid,
+            "accuracy": accuracy,
+            "features": f"toy seeded random conv ({FEATURE_DIM}-d, senseflow.toy.features)",
+            "evaluator": "senseflow.toy.evaluator (rule-based)",
+        }

@@ -1,0 +1,189 @@
+"""Image sources of ``senseflow eval``: what makes the images of one table row.
+
+A source turns (prompts, seeds) into images in [-1, 1] and describes itself (``identity``) for the
+image cache and the result record. Sources are registered by ``kind``; a teacher family adds its own
+(e.g. a diffusers pipeline) with :func:`register_source`, without touching the evaluation loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from senseflow.eval.config import ModelEntry
+from senseflow.metrics.image_io import list_images, load_rgb
+from senseflow.metrics.weights import sha256_file
+
+__all__ = ["ImageSource", "build_source", "register_source", "source_kinds"]
+
+
+class ImageSource(ABC):
+    """Makes the images of one model; ``identity()`` keys their cache and fills the record's ``model``."""
+
+    #: False for sources that only read existing files (nothing to generate).
+    generates = True
+
+    def __init__(self, entry: ModelEntry):
+        self.entry = entry
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Fields that determine the images: checkpoint hash, sampler, steps, NFE, guidance, resolution."""
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """Images in [-1, 1], NCHW, one per (prompt, seed)."""
+        raise TypeError(f"model {self.entry.name!r} (kind {self.entry.kind!r}) does not generate images")
+
+    def existing_image(self, index: int) -> np.ndarray:
+        """The stored image of prompt ``index`` (sources that read files)."""
+        raise TypeError(f"model {self.entry.name!r} (kind {self.entry.kind!r}) has no stored images")
+
+
+_SOURCES: dict[str, Callable[[ModelEntry, str], ImageSource]] = {}
+
+
+def register_source(kind: str, builder: Callable[[ModelEntry, str], ImageSource]) -> None:
+    """Make ``kind`` usable in an eval recipe's ``reference``/``students`` entries."""
+    _SOURCES[kind] = builder
+
+
+def source_kinds() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def build_source(entry: ModelEntry, device: str = "cpu") -> ImageSource:
+    if entry.kind not in _SOURCES:
+        raise ValueError(
+            f"model {entry.name!r}: unknown kind {entry.kind!r}; known kinds: {', '.join(source_kinds())}"
+        )
+    return _SOURCES[entry.kind](entry, device)
+
+
+def _sha256_of_files(paths: Sequence[Path]) -> str:
+    """One digest over several files (their own sha256s in order)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+class ToyTeacherSource(ImageSource):
+    """The shapes world's teacher with its N-step Euler sampler and classifier-free guidance."""
+
+    def __init__(self, entry: ModelEntry, device: str):
+        super().__init__(entry)
+        from senseflow.toy.pipeline import ToyTeacher
+
+        if entry.checkpoint is not None or entry.sampler not in (None, "euler"):
+            raise ValueError(
+                f"model {entry.name!r}: a toy_teacher samples with 'euler' and has no checkpoint"
+            )
+        self.teacher = ToyTeacher(entry.path)
+        self.steps = entry.steps or self.teacher.recipe.sampling.steps
+        self.guidance = self.teacher.recipe.sampling.guidance if entry.guidance is None else entry.guidance
+
+    def identity(self) -> dict[str, Any]:
+        weights = sorted((self.teacher.folder / "transformer").glob("*.safetensors"))
+        return {
+            "kind": "toy_teacher",
+            "checkpoint_sha256": _sha256_of_files(weights),
+            "sampler": "euler",
+            "steps": self.steps,
+            "nfe": self.steps * (1 if self.guidance == 1.0 else 2),
+            "guidance": self.guidance,
+            "resolution": list(self.teacher.image_shape[1:]),
+        }
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        return self.teacher.sample(
+            list(prompts), list(seeds), steps=self.steps, guidance=self.guidance, batch_size=len(prompts)
+        )
+
+
+class StudentSource(ImageSource):
+    """A senseflow run's generator with its few-step sampler (any teacher family)."""
+
+    def __init__(self, entry: ModelEntry, device: str):
+        super().__init__(entry)
+        from senseflow.student import Student
+
+        if not entry.path:
+            raise ValueError(f"model {entry.name!r}: 'path' (the run folder) is required for kind 'student'")
+        if entry.steps is not None or entry.guidance is not None:
+            raise ValueError(
+                f"model {entry.name!r}: a student samples at its recipe's anchors without guidance; "
+                "remove 'steps'/'guidance'"
+            )
+        self.sampler = entry.sampler or "renoise"
+        if self.sampler not in ("renoise", "euler"):
+            raise ValueError(
+                f"model {entry.name!r}: sampler must be 'renoise' or 'euler', got {self.sampler!r}"
+            )
+        self.student = Student.from_run(entry.path, entry.checkpoint)
+        self.weights_file = self.student.checkpoint / "generator.safetensors"
+
+    def identity(self) -> dict[str, Any]:
+        nfe = len(self.student.anchor_levels)
+        resolution = self.student.cfg.data.resolution
+        return {
+            "kind": "student",
+            "checkpoint": str(self.student.checkpoint),
+            "checkpoint_sha256": sha256_file(self.weights_file),
+            "sampler": self.sampler,
+            "steps": nfe,
+            "nfe": nfe,
+            "guidance": None,
+            "resolution": [resolution, resolution],
+        }
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        return self.student.sample(list(prompts), list(seeds), mode=self.sampler, batch_size=len(prompts))
+
+
+class FolderSource(ImageSource):
+    """Images made elsewhere (e.g. by the user's own pipeline): ``<folder>/<index>.png`` in prompt order,
+    with the index zero-padded to five digits (``00000.png``) as senseflow writes them."""
+
+    generates = False
+
+    def __init__(self, entry: ModelEntry, device: str):
+        super().__init__(entry)
+        if not entry.path or not Path(entry.path).expanduser().is_dir():
+            raise ValueError(f"model {entry.name!r}: kind 'folder' needs 'path', an existing image folder")
+        self.folder = Path(entry.path).expanduser()
+
+    def file(self, index: int) -> Path:
+        return self.folder / f"{index:05d}.png"
+
+    def identity(self) -> dict[str, Any]:
+        files = list_images(self.folder, recursive=False)
+        listing = hashlib.sha256("\n".join(f"{p.name}:{p.stat().st_size}" for p in files).encode())
+        first = load_rgb(files[0]) if files else None
+        return {
+            "kind": "folder",
+            "folder": str(self.folder.resolve()),
+            "listing_sha256": listing.hexdigest(),
+            "checkpoint_sha256": None,
+            "sampler": self.entry.sampler,
+            "steps": self.entry.steps,
+            "nfe": self.entry.steps,
+            "guidance": self.entry.guidance,
+            "resolution": list(first.shape[:2]) if first is not None else None,
+        }
+
+    def existing_image(self, index: int) -> np.ndarray:
+        path = self.file(index)
+        if not path.is_file():
+            raise FileNotFoundError(f"model {self.entry.name!r}: missing image {path} (prompt {index})")
+        return load_rgb(path)
+
+
+register_source("toy_teacher", ToyTeacherSource)
+register_source("student", StudentSource)
+register_source("folder", FolderSource)
