@@ -150,6 +150,49 @@ class ToyMetricsConfig(_Section):
     enabled: bool | None = Field(None, description="Default: on exactly when prompts.kind is 'toy'.")
 
 
+class CompBenchConfig(_Section):
+    """T2I-CompBench (paper Table 2): images per prompt from the same sources, scored per category.
+
+    Spatial (and so complex) needs detections: either ``detections_dir/<model>/<category>.jsonl``
+    (any detector, pure-Python scoring) or the official UniDet script's output written into the
+    exported layout ``<output_dir>/compbench/official/<model>/<category>/`` (read back on the next run).
+    """
+
+    enabled: bool = False
+    prompts_dir: str | None = Field(
+        None, description="Output folder of 'senseflow eval build-prompts compbench' (lists + sidecar)."
+    )
+    categories: list[Literal["color", "shape", "texture", "spatial", "non_spatial", "complex"]] = Field(
+        default_factory=lambda: ["color", "shape", "texture", "spatial", "non_spatial", "complex"]
+    )
+    images_per_prompt: int = Field(10, ge=1, description="The official 3-in-1 assumes 10.")
+    limit_prompts: int | None = Field(None, ge=1, description="First N prompts per category (quick runs).")
+    blip_vqa: str | None = Field(None, description="BLIP-VQA folder; default: manifest compbench.blip_vqa.")
+    blip_tokenizer: str | None = Field(None, description="BERT vocab folder/file; default: the BLIP folder.")
+    clip: str | None = Field(
+        None, description="CLIP ViT-B/32 folder; default: manifest compbench.clip_vit_b32."
+    )
+    detections_dir: str | None = Field(None, description="<dir>/<model>/<category>.jsonl detections.")
+    detector: str = Field(
+        "unidet-official", description="Recorded name of the detector behind the detections."
+    )
+    export_official: bool = Field(
+        True, description="Write the official file layout (symlinks) for external runs."
+    )
+    evaluator_version: str = Field("T2I-CompBench NeurIPS 2023 (re-implemented)", description="Recorded.")
+    np_num: int = Field(8, ge=1)
+    exclude_chunks: list[str] = Field(default_factory=lambda: ["top", "the side", "the left", "the right"])
+    round4: bool = True
+    vqa_image_size: int = Field(480, ge=16)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _prompts_needed(self) -> Self:
+        if self.enabled and not self.prompts_dir:
+            raise ValueError("metrics.compbench.prompts_dir is required when T2I-CompBench is enabled")
+        return self
+
+
 class MetricsConfig(_Section):
     fid: FidConfig = Field(default_factory=FidConfig)
     clip_score: ClipScoreConfig = Field(default_factory=ClipScoreConfig)
@@ -157,6 +200,7 @@ class MetricsConfig(_Section):
     pickscore: PickScoreConfig = Field(default_factory=PickScoreConfig)
     imagereward: ImageRewardConfig = Field(default_factory=ImageRewardConfig)
     toy: ToyMetricsConfig = Field(default_factory=ToyMetricsConfig)
+    compbench: CompBenchConfig = Field(default_factory=CompBenchConfig)
     batch_size: int = Field(16, ge=1, description="Image-text pairs per scorer forward.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 

@@ -9,6 +9,7 @@ reference; write ``<output_dir>/records/<name>.json`` (spec §12), ``<name>.per_
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from senseflow.eval.config import EvalConfig, ModelEntry
 from senseflow.eval.images import ImageSet, ensure_images
 from senseflow.eval.panel import Panel, load_prompts
 from senseflow.eval.record import build_record, markdown_table
-from senseflow.eval.sources import build_source
+from senseflow.eval.sources import ImageSource, build_source
 
 __all__ = ["EvalResult", "run_eval"]
 
@@ -37,20 +38,23 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _images(
-    entry: ModelEntry, cfg: EvalConfig, prompts: list[str], seeds: list[int], progress: bool
-) -> ImageSet:
+def _source(entry: ModelEntry, cfg: EvalConfig) -> ImageSource:
     try:
-        source = build_source(entry, cfg.device)
+        return build_source(entry, cfg.device)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"model {entry.name!r}: {exc}") from None
+
+
+def _images(
+    source: ImageSource, cfg: EvalConfig, prompts: list[str], seeds: list[int], progress: bool
+) -> ImageSet:
     return ensure_images(
         source,
         prompts,
         seeds,
         Path(cfg.output_dir) / "images",
         cfg.quantisation,
-        batch_size=entry.batch_size,
+        batch_size=source.entry.batch_size,
         progress=progress,
     )
 
@@ -66,14 +70,16 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalResult:
     seeds = [cfg.seeds.base + i for i in range(len(prompts))]
 
     start = time.perf_counter()
-    reference = _images(cfg.reference, cfg, prompts, seeds, progress)
+    sources = {e.name: _source(e, cfg) for e in (cfg.reference, *cfg.students)}
+    reference = _images(sources[cfg.reference.name], cfg, prompts, seeds, progress)
     sets: list[tuple[ImageSet, ImageSet | None]] = [(reference, None)]
     if cfg.reference_floor_seed_offset is not None:
-        floor_entry = cfg.reference.model_copy(update={"name": cfg.reference.name + FLOOR_SUFFIX})
+        floor = copy.copy(sources[cfg.reference.name])
+        floor.entry = cfg.reference.model_copy(update={"name": cfg.reference.name + FLOOR_SUFFIX})
         shifted = [s + cfg.reference_floor_seed_offset for s in seeds]
-        sets.append((_images(floor_entry, cfg, prompts, shifted, progress), reference))
+        sets.append((_images(floor, cfg, prompts, shifted, progress), reference))
     for student in cfg.students:
-        sets.append((_images(student, cfg, prompts, seeds, progress), reference))
+        sets.append((_images(sources[student.name], cfg, prompts, seeds, progress), reference))
     generation_s = time.perf_counter() - start
 
     panel = Panel.load(cfg, out / "cache", progress=progress)
@@ -88,12 +94,42 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalResult:
             "".join(json.dumps(row) + "\n" for row in per_image)
         )
         records.append(record)
+    compbench_rows = (
+        _compbench(cfg, sources, records, out, progress) if cfg.metrics.compbench.enabled else None
+    )
     table = out / "results.md"
-    table.write_text(_markdown(cfg, prompt_set.info, records, generation_s))
+    table.write_text(_markdown(cfg, prompt_set.info, records, generation_s, compbench_rows))
     return EvalResult(out, records, table)
 
 
-def _markdown(cfg: EvalConfig, prompts: dict[str, Any], records: list[dict[str, Any]], gen_s: float) -> str:
+def _compbench(
+    cfg: EvalConfig, sources: dict[str, ImageSource], records: list[dict], out: Path, progress: bool
+):
+    """T2I-CompBench for the reference and every student; adds ``metrics.compbench`` to their records."""
+    from senseflow.eval.compbench import CompBenchRunner
+
+    runner = CompBenchRunner(cfg, progress=progress)
+    rows = {}
+    for record in records:
+        name = record["model"]["name"]
+        if name not in sources:  # the FID-T floor set is not a model of its own
+            continue
+        block, rows[name], per_image = runner.evaluate(sources[name])
+        record["metrics"]["compbench"] = block
+        _write_json(out / "records" / f"{name}.json", record)
+        (out / "records" / f"{name}.compbench.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in per_image)
+        )
+    return rows
+
+
+def _markdown(
+    cfg: EvalConfig,
+    prompts: dict[str, Any],
+    records: list[dict[str, Any]],
+    gen_s: float,
+    compbench_rows: dict[str, dict[str, float | None]] | None = None,
+) -> str:
     lines = [
         f"# {cfg.name}",
         "",
@@ -114,4 +150,17 @@ def _markdown(cfg: EvalConfig, prompts: dict[str, Any], records: list[dict[str, 
         "(0 when every image was cached). Records: `records/<model>.json`.",
         "",
     ]
+    if compbench_rows is not None:
+        from senseflow.metrics.compbench.report import markdown_table as table2
+
+        cb = cfg.metrics.compbench
+        lines += [
+            "## T2I-CompBench",
+            "",
+            f"{cb.images_per_prompt} images per prompt, seeds {cfg.seeds.scheme} from {cfg.seeds.base}; "
+            f"evaluator: {cb.evaluator_version}. '--': not computed (spatial and complex need detections; "
+            "see the record's `missing`).",
+            "",
+            table2(compbench_rows),
+        ]
     return "\n".join(lines)

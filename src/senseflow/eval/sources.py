@@ -40,6 +40,10 @@ class ImageSource(ABC):
         """Images in [-1, 1], NCHW, one per (prompt, seed)."""
         raise TypeError(f"model {self.entry.name!r} (kind {self.entry.kind!r}) does not generate images")
 
+    def subset(self, name: str) -> ImageSource:
+        """The source for another prompt list (T2I-CompBench category ``name``); generators reuse self."""
+        return self
+
     def existing_image(self, index: int) -> np.ndarray:
         """The stored image of prompt ``index`` (sources that read files)."""
         raise TypeError(f"model {self.entry.name!r} (kind {self.entry.kind!r}) has no stored images")
@@ -148,7 +152,8 @@ class StudentSource(ImageSource):
 
 class FolderSource(ImageSource):
     """Images made elsewhere (e.g. by the user's own pipeline): ``<folder>/<index>.png`` in prompt order,
-    with the index zero-padded to five digits (``00000.png``) as senseflow writes them."""
+    with the index zero-padded to five digits (``00000.png``) as senseflow writes them; T2I-CompBench
+    images in ``<folder>/compbench/<category>/`` by image index (``line * images_per_prompt + k``)."""
 
     generates = False
 
@@ -157,6 +162,11 @@ class FolderSource(ImageSource):
         if not entry.path or not Path(entry.path).expanduser().is_dir():
             raise ValueError(f"model {entry.name!r}: kind 'folder' needs 'path', an existing image folder")
         self.folder = Path(entry.path).expanduser()
+
+    def subset(self, name: str) -> ImageSource:
+        """T2I-CompBench category ``name`` is read from ``<folder>/compbench/<name>/`` (same naming)."""
+        entry = self.entry.model_copy(update={"path": str(self.folder / "compbench" / name)})
+        return FolderSource(entry, "cpu")
 
     def file(self, index: int) -> Path:
         return self.folder / f"{index:05d}.png"
