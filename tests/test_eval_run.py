@@ -19,7 +19,7 @@ from senseflow.metrics import fid as fid_module
 from senseflow.metrics.clip_score import ClipScorer
 from senseflow.metrics.frechet import fid_from_features
 from senseflow.metrics.image_io import load_rgb
-from senseflow.metrics.weights import WeightsNotFoundError
+from senseflow.metrics.weights import WeightsNotFoundError, sha256_file
 from senseflow.toy.evaluator import evaluate
 from senseflow.toy.features import extract_features
 from senseflow.train.trainer import Distiller
@@ -314,3 +314,51 @@ def test_cli_run_and_weights_listing(tiny_teacher_dir, tmp_path, capsys):
     assert main(["eval", "weights", "--root", str(tmp_path / "empty")]) == 0
     listing = capsys.readouterr().out
     assert "fid.inception " in listing and "missing" in listing and "hps/HPS_v2.1_compressed.pt" in listing
+
+
+def test_weights_root_layout_is_enough(tiny_teacher_dir, weights, small_fid, tmp_path, capsys):
+    """No explicit paths: every file found at its manifest place under the root (HPS borrows the
+    ViT-H-14 tokenizer of the PickScore processor files)."""
+    w, root = weights, tmp_path / "root"
+    layout = {
+        "fid/inception-2015-12-05.pt": w["inception"],
+        "clip/CLIP-ViT-g-14-laion2B-s12B-b42K": w["clip"],
+        "hps/HPS_v2.1_compressed.pt": w["hps"],
+        "pickscore/PickScore_v1": w["pick"],
+        "pickscore/CLIP-ViT-H-14-processor": w["proc"],
+        "imagereward/ImageReward.pt": w["ir"] / "ImageReward.pt",
+        "imagereward/med_config.json": w["ir"] / "med_config.json",
+        "tokenizers/bert-base-uncased": w["bert"],
+    }
+    for rel, src in layout.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / rel)
+    recipe = {
+        "output_dir": str(tmp_path / "out"),
+        "weights_root": str(root),
+        "prompts": {"kind": "toy", "toy_per_split": 1},
+        "reference": {"name": "teacher", "kind": "toy_teacher", "path": str(tiny_teacher_dir), "steps": 2},
+        "students": [{"name": "fast", "kind": "toy_teacher", "path": str(tiny_teacher_dir), "steps": 1}],
+        "metrics": {
+            "fid": {"enabled": True, "patch": False},
+            "clip_score": {"enabled": True},
+            "hpsv2": {
+                "enabled": True,
+                "version": "v2.1",
+                "vision_heads": TINY_HEADS,
+                "text_heads": TINY_HEADS,
+            },
+            "pickscore": {"enabled": True},
+            "imagereward": {"enabled": True, "vision_heads": HEADS},
+        },
+    }
+    record = run_eval(load_config(recipe, schema=EvalConfig), progress=False).records[-1]
+    assert all(record["metrics"][k]["value"] is not None for k in METRIC_KEYS - {"patch_fid_t"})
+    assert set(record["weights"]) == {
+        "fid.inception", "clip.vit_g14.hf", "hps.v2.1", "pickscore.model", "pickscore.processor",
+        "imagereward.model", "imagereward.med_config", "tokenizer.bert_base_uncased",
+    }  # fmt: skip
+    assert record["weights"]["hps.v2.1"]["sha256"] == sha256_file(w["hps"])
+    assert main(["eval", "weights", "--root", str(root)]) == 0
+    listing = capsys.readouterr().out
+    assert "hps/HPS_v2.1_compressed.pt" in listing and listing.count("present") >= 5

@@ -83,6 +83,19 @@ def _weights(name: str, explicit: str | None, cfg: EvalConfig) -> ResolvedWeight
     return resolve(name, explicit, root=cfg.weights_root, verify=explicit is None)
 
 
+def _hps_tokenizer(cfg: EvalConfig) -> ResolvedWeights:
+    """HPSv2 files carry no tokenizer; ViT-H-14's (OpenAI BPE) ships with the PickScore processor files."""
+    from senseflow.metrics.weights import WeightsNotFoundError
+
+    try:
+        return resolve("pickscore.processor", root=cfg.weights_root)
+    except WeightsNotFoundError as exc:
+        raise WeightsNotFoundError(
+            "metrics.hpsv2.tokenizer is not set and the default (the ViT-H-14 tokenizer files of "
+            f"'pickscore.processor') is missing: {exc}"
+        ) from None
+
+
 @dataclass
 class Panel:
     """The enabled metrics, loaded once; :meth:`score` measures one image set."""
@@ -125,10 +138,13 @@ class Panel:
 
             version = m.hpsv2.version or ""
             w = _weights(f"hps.{version}", m.hpsv2.path, cfg)
+            tokenizer = m.hpsv2.tokenizer
+            if tokenizer is None and not w.path.is_dir():
+                tokenizer = str(_hps_tokenizer(cfg).path)
             panel.scorers["hpsv2"] = HPSv2Scorer.from_path(
                 w.path,
                 version=version,
-                tokenizer=m.hpsv2.tokenizer,
+                tokenizer=tokenizer,
                 antialias=m.hpsv2.antialias,
                 device=device,
                 **{k: v for k in ("vision_heads", "text_heads") if (v := getattr(m.hpsv2, k)) is not None},
