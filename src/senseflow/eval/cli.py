@@ -5,8 +5,9 @@
 * ``senseflow eval weights [--root DIR]``: every manifest entry, where it is expected and whether it
   is there (and verified).
 * ``senseflow eval build-prompts coco5k|compbench ...``: prompt sets from the user's own files.
+* ``senseflow eval fetch-weights NAME ... | all``: the only command that downloads (opt-in).
 
-Everything runs offline: the Hugging Face libraries are told so before anything is loaded.
+Everything else runs offline: the Hugging Face libraries are told so before anything is loaded.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def cmd_weights(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {entry.relpath:<62}  {state}")
         if args.verbose:
             print(f"{'':<{width}}  from {entry.upstream}; licence {entry.licence}")
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from senseflow.eval.fetch import fetch
+    from senseflow.metrics.weights import weights_root
+
+    root = weights_root(args.root)
+    if root is None:
+        raise ValueError("fetch-weights needs --root or $SENSEFLOW_EVAL_WEIGHTS (the weights root to fill)")
+    fetch(args.names, root, force=args.force)
 
 
 def _clip_caption_scorer(path: str, tokenizer: str | None):
@@ -119,6 +130,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--hash", action="store_true", help="hash files without a manifest sha256 (slow)")
     w.add_argument("--verbose", "-v", action="store_true", help="also show upstream source and licence")
     w.set_defaults(func=cmd_weights)
+
+    f = sub.add_parser("fetch-weights", help="opt-in: download metric weights into the weights root")
+    f.add_argument("names", nargs="+", help="logical names (see 'senseflow eval weights'), or 'all'")
+    f.add_argument("--root", help="weights root (default $SENSEFLOW_EVAL_WEIGHTS)")
+    f.add_argument("--force", action="store_true", help="download again even if present")
+    f.set_defaults(func=cmd_fetch)
 
     b = sub.add_parser("build-prompts", help="build COCO-5K or T2I-CompBench prompt sets from your files")
     b.add_argument("set", choices=("coco5k", "compbench"))

@@ -47,6 +47,11 @@ class WeightEntry:
     required_files: tuple[str, ...] = ()  # for folders: files that must exist inside
     format: str | None = None  # loader-specific container format (e.g. the FID extractor format)
     notes: str = ""
+    # Opt-in fetching (senseflow eval fetch-weights): a Hugging Face repository with the files (or,
+    # for folders, file-name patterns) to take from it, or a direct URL. None: fetch by hand.
+    hf_repo: str | None = None
+    hf_files: tuple[str, ...] = ()
+    url: str | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -61,6 +66,7 @@ MANIFEST: dict[str, WeightEntry] = {
         # --- FID-T / Patch FID-T (§4.4) ---
         WeightEntry(
             name="fid.inception",
+            url="https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
             relpath="fid/inception-2015-12-05.pt",
             upstream="https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
             licence=_INCEPTION_LICENCE,
@@ -82,6 +88,8 @@ MANIFEST: dict[str, WeightEntry] = {
         # --- CLIP score (§5) ---
         WeightEntry(
             name="clip.vit_g14.open_clip",
+            hf_repo="laion/CLIP-ViT-g-14-laion2B-s12B-b42K",
+            hf_files=("open_clip_pytorch_model.bin",),
             relpath="clip/ViT-g-14-laion2b_s12b_b42k/open_clip_pytorch_model.bin",
             upstream="HF laion/CLIP-ViT-g-14-laion2B-s12B-b42K, file open_clip_pytorch_model.bin",
             licence="MIT (unconfirmed)",
@@ -89,6 +97,8 @@ MANIFEST: dict[str, WeightEntry] = {
         ),
         WeightEntry(
             name="clip.vit_g14.hf",
+            hf_repo="laion/CLIP-ViT-g-14-laion2B-s12B-b42K",
+            hf_files=("*.json", "*.txt", "*.safetensors"),
             relpath="clip/CLIP-ViT-g-14-laion2B-s12B-b42K/",
             upstream="HF laion/CLIP-ViT-g-14-laion2B-s12B-b42K (transformers-format files)",
             licence="MIT (unconfirmed)",
@@ -98,6 +108,8 @@ MANIFEST: dict[str, WeightEntry] = {
         ),
         WeightEntry(
             name="clip.vit_l14.hf",
+            hf_repo="openai/clip-vit-large-patch14",
+            hf_files=("*.json", "*.txt", "*.safetensors"),
             relpath="clip/clip-vit-large-patch14/",
             upstream="HF openai/clip-vit-large-patch14",
             licence="MIT (unconfirmed)",
@@ -106,6 +118,8 @@ MANIFEST: dict[str, WeightEntry] = {
         ),
         WeightEntry(
             name="clip.vit_b32.hf",
+            hf_repo="openai/clip-vit-base-patch32",
+            hf_files=("*.json", "*.txt", "*.safetensors"),
             relpath="compbench/clip-vit-base-patch32/",
             upstream="HF openai/clip-vit-base-patch32",
             licence="MIT (unconfirmed)",
@@ -115,6 +129,8 @@ MANIFEST: dict[str, WeightEntry] = {
         # --- HPSv2 (§6) ---
         WeightEntry(
             name="hps.v2.0",
+            hf_repo="xswu/HPSv2",
+            hf_files=("HPS_v2_compressed.pt",),
             relpath="hps/HPS_v2_compressed.pt",
             upstream="HF xswu/HPSv2, file HPS_v2_compressed.pt",
             licence="Apache-2.0 (unconfirmed)",
@@ -122,6 +138,8 @@ MANIFEST: dict[str, WeightEntry] = {
         ),
         WeightEntry(
             name="hps.v2.1",
+            hf_repo="xswu/HPSv2",
+            hf_files=("HPS_v2.1_compressed.pt",),
             relpath="hps/HPS_v2.1_compressed.pt",
             upstream="HF xswu/HPSv2, file HPS_v2.1_compressed.pt",
             licence="Apache-2.0 (unconfirmed)",
@@ -130,6 +148,8 @@ MANIFEST: dict[str, WeightEntry] = {
         # --- PickScore (§7) ---
         WeightEntry(
             name="pickscore.model",
+            hf_repo="yuvalkirstain/PickScore_v1",
+            hf_files=("*.json", "*.txt", "*.safetensors"),
             relpath="pickscore/PickScore_v1/",
             upstream="HF yuvalkirstain/PickScore_v1",
             licence="unknown (check the model card)",
@@ -138,6 +158,14 @@ MANIFEST: dict[str, WeightEntry] = {
         ),
         WeightEntry(
             name="pickscore.processor",
+            hf_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+            hf_files=(
+                "preprocessor_config.json",
+                "tokenizer*.json",
+                "special_tokens_map.json",
+                "vocab.json",
+                "merges.txt",
+            ),
             relpath="pickscore/CLIP-ViT-H-14-processor/",
             upstream="HF laion/CLIP-ViT-H-14-laion2B-s32B-b79K (preprocessor and tokenizer files only)",
             licence="MIT (unconfirmed)",
@@ -146,6 +174,8 @@ MANIFEST: dict[str, WeightEntry] = {
         # --- ImageReward (§8) ---
         WeightEntry(
             name="imagereward.model",
+            hf_repo="THUDM/ImageReward",
+            hf_files=("ImageReward.pt",),
             relpath="imagereward/ImageReward.pt",
             upstream="HF THUDM/ImageReward, file ImageReward.pt",
             licence="Apache-2.0 (unconfirmed)",
@@ -153,12 +183,16 @@ MANIFEST: dict[str, WeightEntry] = {
         ),
         WeightEntry(
             name="imagereward.med_config",
+            hf_repo="THUDM/ImageReward",
+            hf_files=("med_config.json",),
             relpath="imagereward/med_config.json",
             upstream="HF THUDM/ImageReward, file med_config.json",
             licence="Apache-2.0 (unconfirmed)",
         ),
         WeightEntry(
             name="tokenizer.bert_base_uncased",
+            hf_repo="bert-base-uncased",
+            hf_files=("vocab.txt", "tokenizer_config.json"),
             relpath="tokenizers/bert-base-uncased/",
             upstream="HF bert-base-uncased (tokenizer files: vocab.txt, tokenizer_config.json)",
             licence="Apache-2.0 (unconfirmed)",
@@ -168,6 +202,8 @@ MANIFEST: dict[str, WeightEntry] = {
         # --- T2I-CompBench (§11) ---
         WeightEntry(
             name="compbench.blip_vqa",
+            hf_repo="Salesforce/blip-vqa-capfilt-large",
+            hf_files=("*.json", "*.txt", "*.safetensors"),
             relpath="compbench/blip-vqa-capfilt-large/",
             upstream="HF Salesforce/blip-vqa-capfilt-large",
             licence="BSD-3-Clause (unconfirmed)",
@@ -175,6 +211,8 @@ MANIFEST: dict[str, WeightEntry] = {
         ),
         WeightEntry(
             name="compbench.clip_vit_b32",
+            hf_repo="openai/clip-vit-base-patch32",
+            hf_files=("*.json", "*.txt", "*.safetensors"),
             relpath="compbench/clip-vit-base-patch32/",
             upstream="HF openai/clip-vit-base-patch32 (or open_clip ViT-B-32/openai)",
             licence="MIT (unconfirmed)",
