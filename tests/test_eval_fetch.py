@@ -46,15 +46,28 @@ def test_hf_file_and_folder_entries(tmp_path, monkeypatch):
     def snapshot(repo, local_dir, allow_patterns):
         calls.append(("snapshot", repo, tuple(allow_patterns)))
         Path(local_dir).mkdir(parents=True, exist_ok=True)
-        (Path(local_dir) / "preprocessor_config.json").write_text("{}")
+        for name in ("preprocessor_config.json", "config.json"):
+            (Path(local_dir) / name).write_text("{}")
         return local_dir
 
+    listing = {"yuvalkirstain/PickScore_v1": ["config.json", "pytorch_model.bin"]}
+    monkeypatch.setattr(
+        huggingface_hub, "list_repo_files", lambda repo: listing.get(repo, ["model.safetensors"])
+    )
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", file_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    got = fetch(["hps.v2.1", "pickscore.processor"], tmp_path / "root")
+    got = fetch(
+        ["hps.v2.1", "pickscore.processor", "pickscore.model", "compbench.blip_vqa"], tmp_path / "root"
+    )
     assert calls[0] == ("file", "xswu/HPSv2", "HPS_v2.1_compressed.pt")
     assert calls[1][:2] == ("snapshot", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
     assert "preprocessor_config.json" in calls[1][2]
+    assert calls[2] == (
+        "snapshot",
+        "yuvalkirstain/PickScore_v1",
+        ("*.json", "*.txt", "*.safetensors", "pytorch_model*.bin"),
+    )
+    assert calls[3] == ("snapshot", "Salesforce/blip-vqa-capfilt-large", ("*.json", "*.txt", "*.safetensors"))
     assert got[0].path == tmp_path / "root" / "hps" / "HPS_v2.1_compressed.pt"
     assert got[0].sha256 == hashlib.sha256(b"weights").hexdigest() and not got[0].verified
 

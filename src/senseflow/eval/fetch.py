@@ -31,11 +31,16 @@ def _download_url(url: str, target: Path) -> None:
 
 
 def _download_hf(entry: WeightEntry, target: Path) -> None:
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
 
     assert entry.hf_repo is not None
     if entry.is_dir:
-        snapshot_download(entry.hf_repo, local_dir=str(target), allow_patterns=list(entry.hf_files) or None)
+        patterns = list(entry.hf_files)
+        if "*.safetensors" in patterns and not any(
+            f.endswith(".safetensors") for f in list_repo_files(entry.hf_repo)
+        ):
+            patterns.append("pytorch_model*.bin")  # older repositories: pickled weights only
+        snapshot_download(entry.hf_repo, local_dir=str(target), allow_patterns=patterns or None)
         return
     if len(entry.hf_files) != 1 or Path(entry.hf_files[0]).name != target.name:
         raise ValueError(
