@@ -63,6 +63,8 @@ def run_demo(out_dir: Path, recipe: str, per_split: int, seed: int, overrides: l
     margin_fid = baseline.fid["teacher"] - renoise.fid["teacher"]
     margin_acc = renoise.accuracy["all"]["overall"]["all"] - baseline.accuracy["all"]["overall"]["all"]
     listing = "\n".join(f"{i + 1}. {comp.prompt_set.prompts[j]}" for i, j in enumerate(cols))
+    student_entry = f"{{name: student, kind: student, path: {out_dir / 'train'}}}"
+    eval_command = f"senseflow eval run configs/eval/toy.yaml 'students=[{student_entry}]'"
     report = out_dir / "report.md"
     report.write_text(
         f"""# senseflow demo: shapes world
@@ -82,6 +84,12 @@ accuracy higher by {100 * margin_acc:.1f} points.
 Columns (test and held-out prompts):
 
 {listing}
+
+The same models in the evaluation table layout (JSON record per model, as for a COCO-5K run):
+
+```
+{eval_command}
+```
 """
     )
     print(report.read_text())
