@@ -55,8 +55,12 @@ VARIANTS: dict[str, Variant] = {
         "vanilla DMD2, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, "method.ttur_ratio=1")
     ),
     "stressed_ida": Variant("+IDA, TTUR 1 (stressed)", (_NO_ISG, _NO_GAN, "method.ttur_ratio=1")),
+    # ISG's loss and weight (on request): the paper's squared L2 instead of the code's Charbonnier,
+    # and SDXL's weight 0.2 instead of SD3.5's 1.0.
+    "isg_l2": Variant("+ISG, L2 loss", (_NO_IDA, _NO_GAN, "method.isg.loss=l2")),
+    "isg_w02": Variant("+ISG, weight 0.2", (_NO_IDA, _NO_GAN, "method.isg.weight=0.2")),
 }
-#: What runs without --variants (stressed_ida is the stressed run's IDA counterpart, on request).
+#: What runs without --variants (stressed_ida, isg_l2 and isg_w02 run on request).
 DEFAULT_VARIANTS = ("vanilla", "ida", "isg", "ida_isg", "full", "stressed")
 BASELINE = "vanilla"
 
