@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import hashlib
 import io
 import json
 import math
@@ -39,6 +38,7 @@ from typing import Any
 
 from senseflow.metrics.compbench.sidecar import build_sidecar, load_sidecar, write_sidecar
 from senseflow.metrics.compbench.three_in_one import normalise_line
+from senseflow.metrics.weights import sha256_file
 
 __all__ = [
     "COCO5K_RULES",
@@ -90,14 +90,6 @@ COMPBENCH_SUBSET_APPROX = {"complex_spatial": 59, "complex_action": 212, "comple
 
 # (image path, candidate captions) -> one score per caption.
 CaptionScorer = Callable[[Path, Sequence[str]], Sequence[float]]
-
-
-def sha256_file(path: str | PathLike) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _now() -> str:

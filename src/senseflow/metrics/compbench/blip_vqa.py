@@ -25,7 +25,6 @@ returns no decoder logits, so the three sub-models are called directly.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import math
@@ -42,6 +41,7 @@ from PIL import Image
 from senseflow.metrics.compbench.layout import CompBenchIndex
 from senseflow.metrics.compbench.results import CategoryScores, records_from_scores
 from senseflow.metrics.compbench.sidecar import Sidecar
+from senseflow.metrics.weights import sha256_file
 
 # Names and paths under the weights root as in senseflow.metrics.weights.MANIFEST.
 LOGICAL_NAME = "compbench.blip_vqa"
@@ -231,14 +231,6 @@ class VqaTokenIds:
         return cls(**{k: int(vocab[t]) for k, t in names.items()})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- image
 
 
@@ -376,8 +368,8 @@ def load_blip_vqa(
         "logical_name": LOGICAL_NAME,
         "model_path": str(model_path),
         "tokenizer_path": str(tok_path),
-        "weights": {p.name: (_sha256(p) if hash_weights else None) for p in weights},
-        "tokenizer_vocab_sha256": _sha256(vocab_file) if vocab_file.is_file() else None,
+        "weights": {p.name: (sha256_file(p) if hash_weights else None) for p in weights},
+        "tokenizer_vocab_sha256": sha256_file(vocab_file) if vocab_file.is_file() else None,
         "vision_hidden_size": int(model.config.vision_config.hidden_size),
         "vision_image_size": int(model.config.vision_config.image_size),
         "text_vocab_size": int(model.config.text_config.vocab_size),

@@ -15,7 +15,6 @@ environment). Record the backend and dtype.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -29,6 +28,7 @@ from PIL import Image
 from senseflow.metrics.compbench.layout import CompBenchIndex
 from senseflow.metrics.compbench.results import CategoryScores, records_from_scores
 from senseflow.metrics.compbench.sidecar import Sidecar
+from senseflow.metrics.weights import sha256_file
 
 # Name and path under the weights root as in senseflow.metrics.weights.MANIFEST.
 LOGICAL_NAME = "compbench.clip_vit_b32"
@@ -116,14 +116,6 @@ class ClipScorer:
         return [float(image_feats[i] @ text_feats[t]) for i, t in enumerate(texts)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_clip_b32(
     model_path: str | PathLike,
     tokenizer_path: str | PathLike | None = None,
@@ -154,7 +146,7 @@ def load_clip_b32(
         "logical_name": LOGICAL_NAME,
         "model_path": str(model_path),
         "tokenizer_path": str(tok_path),
-        "weights": {p.name: (_sha256(p) if hash_weights else None) for p in weights},
+        "weights": {p.name: (sha256_file(p) if hash_weights else None) for p in weights},
         "context_length": context,
         "image_size": image_size,
         "backend": "transformers",

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from senseflow.metrics.weights import sha256_file
+
 logger = logging.getLogger(__name__)
 
 PathType = str | PathLike
@@ -81,14 +83,6 @@ class LoadReport:
 # --------------------------------------------------------------------------------------------------
 # weight hashes
 # --------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: PathType, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # What transformers' from_pretrained reads from a folder, in its order of preference.
