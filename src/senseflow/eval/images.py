@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from senseflow.eval.sources import ImageSource
+from senseflow.jsonfile import write_json
 from senseflow.metrics.image_io import load_rgb, quantise, save_png
 
 __all__ = ["ImageSet", "ensure_images", "prompts_sha256"]
@@ -60,12 +61,6 @@ def _key(source: ImageSource, prompts: Sequence[str], seeds: Sequence[int], quan
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def ensure_images(
     source: ImageSource,
     prompts: Sequence[str],
@@ -83,7 +78,7 @@ def ensure_images(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(root) / f"{name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "meta.json", {"name": name, "key": key})
+    write_json(folder / "meta.json", {"name": name, "key": key})
     files = [folder / f"{i:05d}.png" for i in range(len(prompts))]
     missing = [i for i, f in enumerate(files) if not f.is_file()]
 

@@ -36,6 +36,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from senseflow.jsonfile import write_json
 from senseflow.metrics.compbench.sidecar import build_sidecar, load_sidecar, write_sidecar
 from senseflow.metrics.compbench.three_in_one import normalise_line
 from senseflow.metrics.weights import sha256_file
@@ -110,12 +111,6 @@ def _check_output_dir(out_dir: Path, allow_inside_repository: bool) -> None:
             f"{out_dir} is inside the senseflow repository ({root}); prompt sets built from third-party "
             "text belong in the user's data directory"
         )
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
 
 
 # --------------------------------------------------------------------------- COCO-5K
@@ -292,7 +287,7 @@ def build_coco5k(
         "file_sha256": sha256_file(tsv),
         "created": _now(),
     }
-    prov = _write_json(out_dir / f"{name}.provenance.json", provenance)
+    prov = write_json(out_dir / f"{name}.provenance.json", provenance, indent=1, ensure_ascii=False)
     return PromptSetRecord(tsv, prov, provenance)
 
 
@@ -414,7 +409,7 @@ def build_compbench_prompts(
         "sidecar": sidecar_info,
         "created": _now(),
     }
-    _write_json(out_dir / "compbench.provenance.json", provenance)
+    write_json(out_dir / "compbench.provenance.json", provenance, indent=1, ensure_ascii=False)
     return provenance
 
 

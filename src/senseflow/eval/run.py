@@ -20,6 +20,7 @@ from senseflow.eval.images import ImageSet, ensure_images
 from senseflow.eval.panel import Panel, load_prompts
 from senseflow.eval.record import build_record, markdown_table
 from senseflow.eval.sources import ImageSource, build_source
+from senseflow.jsonfile import write_json
 
 __all__ = ["EvalResult", "run_eval"]
 
@@ -29,13 +30,6 @@ FLOOR_SUFFIX = "-other-seeds"
 class EvalResult:
     def __init__(self, out: Path, records: list[dict[str, Any]], table: Path):
         self.out, self.records, self.table = out, records, table
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 def _source(entry: ModelEntry, cfg: EvalConfig) -> ImageSource:
@@ -89,7 +83,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> EvalResult:
         metrics, per_image = panel.score(images, ref)
         record = build_record(cfg, images, ref, prompt_set.info, metrics, panel.weights, cfg.device)
         record["timing"] = {"scoring_seconds": time.perf_counter() - t0, "generated_images": images.generated}
-        _write_json(out / "records" / f"{images.name}.json", record)
+        write_json(out / "records" / f"{images.name}.json", record)
         (out / "records" / f"{images.name}.per_image.jsonl").write_text(
             "".join(json.dumps(row) + "\n" for row in per_image)
         )
@@ -116,7 +110,7 @@ def _compbench(
             continue
         block, rows[name], per_image = runner.evaluate(sources[name])
         record["metrics"]["compbench"] = block
-        _write_json(out / "records" / f"{name}.json", record)
+        write_json(out / "records" / f"{name}.json", record)
         (out / "records" / f"{name}.compbench.jsonl").write_text(
             "".join(json.dumps(row) + "\n" for row in per_image)
         )

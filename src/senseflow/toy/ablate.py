@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from senseflow.jsonfile import write_json
 from senseflow.toy.ablate_plots import CURVES, _grid, _mean_over_seeds, plot_curves
 from senseflow.toy.ablate_report import markdown, summarise
 
@@ -84,13 +85,6 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def _grid_picks(per_split: int, n: int) -> np.ndarray:
     """Indices of GRID_PROMPTS prompts spread over the test and held-out part of the prompt set."""
     return np.linspace(per_split, n - 1, min(GRID_PROMPTS, n - per_split)).astype(int)
@@ -146,7 +140,7 @@ def reference(teacher_folder: str | None, prompts, per_split: int, prompt_seed: 
     root.mkdir(parents=True, exist_ok=True)
     np.savez(root / "features.npz", **refs)
     np.save(root / "teacher_samples.npy", ref_images[picks])
-    _write_json(root / "meta.json", {"key": key, "rows": rows})
+    write_json(root / "meta.json", {"key": key, "rows": rows})
     return refs, rows, ref_images[picks], key
 
 
@@ -193,7 +187,7 @@ def train_run(cfg, run_dir: Path, progress: bool) -> dict:
         "seconds_per_iteration": seconds / max(1, total - first),
         "resumed_from": first,
     }
-    _write_json(timing_path, timing)
+    write_json(timing_path, timing)
     return timing
 
 
@@ -219,7 +213,7 @@ def measure_run(run_dir: Path, cfg, prompts, refs: dict, ref_key: dict, picks) -
     report, images = measure(str(run_dir), generate, prompts, refs)
     np.save(run_dir / "ablate_samples.npy", images[picks])
     out = {"key": key, "seconds": report.seconds, "accuracy": report.accuracy, "fid": report.fid}
-    _write_json(cache, out)
+    write_json(cache, out)
     print(
         f"measured {run_dir}: all {100 * report.accuracy['all']['overall']['all']:.1f}% "
         f"FID-T {report.fid['teacher']:.2f}",
@@ -329,7 +323,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "json": stem.with_suffix(".json").name,
         "software": {"python": platform.python_version(), "torch": torch.__version__},
     }
-    _write_json(stem.with_suffix(".json"), payload)
+    write_json(stem.with_suffix(".json"), payload)
     md = stem.with_suffix(".md")
     md.write_text(markdown(payload, curves_png.name, grid_png.name if grid_png else None))
     print(f"ablation written to {md}", flush=True)
