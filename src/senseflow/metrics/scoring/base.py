@@ -7,6 +7,7 @@ result-record entry (``value`` plus the protocol fields of spec §12).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-class PairScorer:
+class PairScorer(ABC):
     """Scores (image, prompt) pairs; subclasses implement :meth:`_score_batch` and :meth:`protocol`."""
 
     metric = "pair_score"
@@ -77,11 +78,13 @@ class PairScorer:
             logger.info("%s weights %s sha256 %s", self.metric, self.weights_path, self._weights_sha256)
         return self._weights_sha256
 
+    @abstractmethod
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """One score per (image, prompt) pair of the batch."""
 
+    @abstractmethod
     def protocol(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The protocol fields of the result record (backbone, dtype, weights sha256, ...)."""
 
     def score(self, images: ImagesInput, prompts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """One score per (image, prompt) pair, as a float64 array of length ``len(images)``."""
