@@ -23,13 +23,13 @@ from senseflow.metrics.weights import WeightsNotFoundError, sha256_file
 from senseflow.toy.evaluator import evaluate
 from senseflow.toy.features import extract_features
 from senseflow.train.trainer import Distiller
-from tests.test_fid import _NvidiaLike, _script_save, _small_extractor
-from tests.test_scorer_common import (
+from tests.scorer_helpers import (
     TINY_HEADS,
     make_clip_tokenizer,
     make_tiny_clip,
     open_clip_state_dict,
 )
+from tests.test_fid import _NvidiaLike, _script_save, _small_extractor
 from tests.test_scorer_imagereward import HEADS, MED_CONFIG, generated_bert_vocab, ir_state_dict
 from tests.test_scorer_pickscore import processor_config
 from tests.test_student import _cfg

@@ -17,7 +17,7 @@ from senseflow.metrics.clip_score import (
     dmd2_pre_resize,
     insert_prefix_tokens,
 )
-from tests.test_scorer_common import (
+from tests.scorer_helpers import (
     TINY_HEADS,
     TINY_IMAGE,
     cosine,

@@ -19,7 +19,7 @@ from senseflow.metrics.scorer_common import (
     MissingWeightsError,
     clip_token_ids,
 )
-from tests.test_scorer_common import (
+from tests.scorer_helpers import (
     TINY_HEADS,
     TINY_IMAGE,
     cosine,

@@ -25,7 +25,7 @@ from senseflow.metrics.imagereward import (
     vision_config_from_state_dict,
 )
 from senseflow.metrics.scorer_common import MissingWeightsError, ScorerLoadError
-from tests.test_scorer_common import (
+from tests.scorer_helpers import (
     TINY_IMAGE,
     bert_vocab_txt,
     normalise_np,

@@ -13,7 +13,7 @@ import torch
 
 from senseflow.metrics.pickscore import PickScoreScorer, PilClipImageProcessor
 from senseflow.metrics.scorer_common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ScorerLoadError
-from tests.test_scorer_common import TINY_IMAGE, cosine, make_clip_tokenizer, make_tiny_clip, random_images
+from tests.scorer_helpers import TINY_IMAGE, cosine, make_clip_tokenizer, make_tiny_clip, random_images
 
 PROMPTS = ["a corgi wearing sunglasses", "an astronaut riding a horse on the moon, 4k, " * 8, "tree"]
 SHAPES = [(53, 50), (37, 90), (40, 40)]
