@@ -106,6 +106,7 @@ class Panel:
     extractor: Any = None
     scorers: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _toy_cache: dict[Path, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, cfg: EvalConfig, cache_dir: Path, progress: bool = True) -> Panel:
@@ -246,18 +247,28 @@ class Panel:
             )
         return np.concatenate(out)
 
+    def _toy_features(self, images: ImageSet, pixels: Any = None) -> Any:
+        """Toy features of an image set, computed once per set (the reference's serve every model)."""
+        from senseflow.toy.features import extract_features
+
+        if images.folder not in self._toy_cache:
+            self._toy_cache[images.folder] = extract_features(images.load() if pixels is None else pixels)
+        return self._toy_cache[images.folder]
+
     def _toy(self, images: ImageSet, reference: ImageSet | None, per_image: list[dict]) -> dict[str, Any]:
         from senseflow.metrics.frechet import fid_from_features
-        from senseflow.toy.evaluator import evaluate, parse_prompt, score_image
-        from senseflow.toy.features import FEATURE_DIM, extract_features
+        from senseflow.toy.evaluator import parse_prompt, score_image, summarise
+        from senseflow.toy.features import FEATURE_DIM
 
         pixels = images.load()
-        accuracy = evaluate(pixels, images.prompts)
-        for row, image, prompt in zip(per_image, pixels, images.prompts, strict=True):
-            row["toy_all"] = bool(score_image(image, parse_prompt(prompt)).all)
+        scenes = [parse_prompt(p) for p in images.prompts]
+        scores = [score_image(image, scene) for image, scene in zip(pixels, scenes, strict=True)]
+        accuracy = summarise(scores, scenes)
+        for row, score in zip(per_image, scores, strict=True):
+            row["toy_all"] = bool(score.all)
         fid = None
         if reference is not None:
-            fid = fid_from_features(extract_features(pixels), extract_features(reference.load()))
+            fid = fid_from_features(self._toy_features(images, pixels), self._toy_features(reference))
         return {
             "fid_t": fid,
             "accuracy": accuracy,

@@ -365,6 +365,11 @@ def evaluate(images: np.ndarray, prompts: Sequence[str]) -> dict:
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     scenes = [parse_prompt(p) for p in prompts]
     scores = [score_image(image, scene) for image, scene in zip(images, scenes, strict=True)]
+    return summarise(scores, scenes)
+
+
+def summarise(scores: Sequence[ImageScore], scenes: Sequence[SceneSpec]) -> dict:
+    """:func:`evaluate`'s summary of per-image scores (for callers that also keep the scores)."""
     single = [s for s, sc in zip(scores, scenes, strict=True) if len(sc.objects) == 1]
     two = [s for s, sc in zip(scores, scenes, strict=True) if len(sc.objects) == 2]
     return {"n": len(scores), "single": _summary(single), "two": _summary(two), "overall": _summary(scores)}
