@@ -48,6 +48,12 @@ DEFAULT_RECIPE = ROOT / "configs" / "toy" / "distill.yaml"
 PAPER = "paper: IDA +0.57%, ISG +3.2-6.2% per step"
 
 
+def _sync() -> None:
+    """GPU work is asynchronous: wait for it so a lap times its own kernels."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class Laps:
     """Wall-clock laps keyed by (turn, pass); laps taken while ``recording`` is off are warm-up."""
 
@@ -58,8 +64,10 @@ class Laps:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        _sync()
         start = time.perf_counter()
         yield
+        _sync()
         if self.recording:
             self.times[(self.turn, name)].append(time.perf_counter() - start)
 
@@ -89,11 +97,11 @@ def prepare(dist: Distiller, n: int, lap: Laps) -> Batch:
     cfg, p = dist.cfg, dist.param
     with lap("data, draws, prompt encoding"):
         images, prompts = dist.data.batch(n)
-        images, prompts = images[: dist.batch], prompts[: dist.batch]
+        images, prompts = images[: dist.batch].to(dist.device), prompts[: dist.batch]
         x_real = dist.adapter.encode_images(images)
         d = draw_step(
             cfg.method, p, dist.anchor_levels, tuple(x_real.shape[1:]), dist.batch, dist.batch, cfg.seed, n
-        )
+        ).to(dist.device)
         cond = dist.adapter.encode_prompts(prompts)
     with lap("input (backward simulation)"):
         x_in = dist._input(x_real, d, cond)
@@ -103,12 +111,12 @@ def prepare(dist: Distiller, n: int, lap: Laps) -> Batch:
 
 def generator_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
     """Every pass of a generator turn, in isolation, on batch ``b``."""
-    m, p, a = dist.cfg.method, dist.param, dist.adapter
+    m, p = dist.cfg.method, dist.param
     d, cond = b.draws, b.cond
     gen_opt = dist.optimizers["generator"]
     gen_opt.zero_grad(set_to_none=True)
     with lap("generator forward+backward"):
-        out_in = a.predict(dist.generator, b.x_in, b.level_j, cond)
+        out_in = dist._predict(dist.generator, b.x_in, b.level_j, cond)
         x0 = p.x0_from_output(b.x_in, out_in, b.level_j)
         (x0 * d.dmd_noise).mean().backward()  # a stand-in loss: the backward of the generator graph
     with lap("generator optimiser step (clip + AdamW)"):
@@ -119,13 +127,13 @@ def generator_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
     x_t = p.add_noise(x0, d.dmd_noise, d.dmd_level)
     with torch.no_grad():
         with lap("teacher guided forward (DMD, CFG: 2x batch)"):
-            a.guided_predict(dist.teacher, x_t, d.dmd_level, cond, d.dmd_guidance)
+            dist._guided(x_t, d.dmd_level, cond, d.dmd_guidance)
         with lap("fake-score forward (DMD, no grad)"):
-            a.predict(dist.fake_score, x_t, d.dmd_level, cond)
+            dist._predict(dist.fake_score, x_t, d.dmd_level, cond)
     if dist.discriminator is not None and m.gan.weight:
         x0_leaf = x0.clone().requires_grad_(True)
         with lap("GAN generator loss (D forward+backward to x0)"):
-            logits = dist.discriminator(a.decode(x0_leaf), cond)
+            logits = dist._discriminate(dist.discriminator, dist._decode(x0_leaf), cond, None)
             g_loss = hinge_g_loss if m.gan.type != "dmd2_head" else nonsaturating_g_loss
             g_loss(logits, dist._gan_weights(b.level_j)).backward()
     if m.isg.weight > 0:
@@ -147,7 +155,7 @@ def generator_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
 def other_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
     """Every pass of a non-generator turn: the generator forward runs without grad, no update."""
     with torch.no_grad(), lap("generator forward (no grad)"):
-        out_in = dist.adapter.predict(dist.generator, b.x_in, b.level_j, b.cond)
+        out_in = dist._predict(dist.generator, b.x_in, b.level_j, b.cond)
         x0 = dist.param.x0_from_output(b.x_in, out_in, b.level_j)
     shared_passes(dist, b, x0, lap)
 
@@ -157,12 +165,12 @@ def shared_passes(dist: Distiller, b: Batch, x0: torch.Tensor, lap: Laps) -> Non
     p, d = dist.param, b.draws
     with lap("fake-score training step (fwd+bwd+opt)"):
         x_t = p.add_noise(x0, d.fake_noise, d.fake_level)
-        out = dist.adapter.predict(dist.fake_ddp, x_t, d.fake_level, b.cond)
+        out = dist._predict(dist.fake_ddp, x_t, d.fake_level, b.cond)
         loss = fake_score_loss(p, out, x0, d.fake_noise, d.fake_level)
         dist._step("fake_score", loss, dist.fake_score.parameters())
     if dist.discriminator is not None:
         with lap("discriminator step"):
-            dist._discriminator_step(b.images, dist.adapter.decode(x0), b.cond, b.level_j, {})
+            dist._discriminator_step(b.images, dist._decode(x0), b.cond, b.level_j, {})
 
 
 # Every pass in table order; a turn's sum is over the passes measured for it (the step excluded).

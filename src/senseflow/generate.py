@@ -44,7 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts += read_prompt_file(args.prompts)
     if not prompts:
         raise ValueError("give --prompt (repeatable) or --prompts FILE")
-    student = Student.from_run(args.run, args.checkpoint)
+    student = Student.from_run(args.run, args.checkpoint, device=args.device)
     grid = generate(student, prompts, args.seed, args.sampler, Path(args.out))
     print(f"{len(prompts)} images written to {args.out} (grid: {grid})")
 
@@ -58,4 +58,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=("renoise", "euler"), default="renoise")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     p.add_argument("--out", default="runs/generated")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_generate)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from senseflow.config import load_config
 from senseflow.config.schema import DistillConfig
+from senseflow.devices import module_device, resolve_device, to_dtype
 from senseflow.method import student_sample
 from senseflow.models import build_adapter
 from senseflow.models.adapter import FamilyAdapter
@@ -43,34 +44,44 @@ def few_step_sample(
     def fresh(like: Tensor) -> Tensor:
         return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g) for g in streams]).to(like)
 
-    noise = fresh(torch.empty(len(seeds), *sample_shape))
+    device = module_device(generator)
+    noise = fresh(torch.empty(len(seeds), *sample_shape, device=device))
     cond = adapter.encode_prompts(list(prompts))
-    fn = lambda x, level: adapter.predict(generator, x, level, cond)  # noqa: E731
-    x0 = student_sample(fn, noise, anchor_levels, adapter.param, mode, generator=fresh)
-    return adapter.decode(x0).clamp(-1, 1)
+    fn = lambda x, level: adapter.forward(generator, x, level, cond)  # noqa: E731
+    x0 = student_sample(fn, noise, anchor_levels.to(device), adapter.param, mode, generator=fresh)
+    return adapter.decode(x0).float().clamp(-1, 1)
 
 
 class Student:
     def __init__(
-        self, cfg: DistillConfig, generator_weights: dict[str, Tensor], checkpoint: Path | None = None
+        self,
+        cfg: DistillConfig,
+        generator_weights: dict[str, Tensor],
+        checkpoint: Path | None = None,
+        device: str = "cpu",
     ):
+        """``device``: ``cpu``, ``cuda[:N]`` or ``auto``; the generator keeps its trained dtype."""
         self.cfg = cfg
         self.checkpoint = checkpoint  # the checkpoint folder the weights came from, if any
-        self.adapter = build_adapter(cfg)
-        nets = self.adapter.build_networks()
-        self.generator = nets.generator.eval().requires_grad_(False)
+        self.device = resolve_device(device, field="device")
+        self.adapter = build_adapter(cfg).to(self.device)
+        dtype = to_dtype(cfg.precision.param_dtype, "precision.param_dtype")
+        generator = self.adapter.build_generator(dtype)
+        self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.generator.load_state_dict(generator_weights, strict=True)
-        self.anchor_levels = self.adapter.param.anchor_levels(self.adapter.anchors)
+        self.anchor_levels = self.adapter.param.anchor_levels(self.adapter.anchors).to(self.device)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None) -> Student:
+    def from_run(
+        cls, run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"
+    ) -> Student:
         """The newest checkpoint of ``run_dir`` (or ``checkpoint``) with the recipe saved inside it."""
         run_dir = Path(run_dir)
         path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir / "checkpoints")
         if path is None or not (path / ckpt.META).is_file():
             raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'} (train first)")
         cfg = load_config(path / ckpt.CONFIG)
-        return cls(cfg, load_file(str(path / "generator.safetensors")), checkpoint=path)
+        return cls(cfg, load_file(str(path / "generator.safetensors")), checkpoint=path, device=device)
 
     @torch.no_grad()
     def sample(
@@ -90,4 +101,4 @@ class Student:
             )
             for i in range(0, len(prompts), batch_size)
         ]
-        return torch.cat(out)
+        return torch.cat(out).cpu()

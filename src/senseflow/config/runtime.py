@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator
@@ -116,6 +117,20 @@ class ParallelConfig(_Section):
     gradient_checkpointing: bool = Field(
         default=False, description="Gradient checkpointing on G, fake, real and VAE; on in the code (§9)."
     )
+    device: str = Field(
+        default="auto",
+        description=(
+            "auto (this rank's GPU, LOCAL_RANK, when CUDA is available, else the CPU), cpu, cuda or cuda:N "
+            "(project default)."
+        ),
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
 
 
 class LoggingConfig(_Section):

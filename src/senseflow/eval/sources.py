@@ -129,7 +129,7 @@ class StudentSource(ImageSource):
             raise ValueError(
                 f"model {entry.name!r}: sampler must be 'renoise' or 'euler', got {self.sampler!r}"
             )
-        self.student = Student.from_run(entry.path, entry.checkpoint)
+        self.student = Student.from_run(entry.path, entry.checkpoint, device=device)
         self.weights_file = self.student.checkpoint / "generator.safetensors"
 
     def identity(self) -> dict[str, Any]:

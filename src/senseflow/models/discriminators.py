@@ -205,7 +205,7 @@ class FakeScoreHeadDiscriminator(nn.Module):
         )
         try:
             with _weights_frozen(fake):
-                self.adapter.predict(fake, x_t, level, cond)
+                self.adapter.forward(fake, x_t, level, cond)
         finally:
             hook.remove()
         return captured[0]

@@ -8,9 +8,9 @@ from the teacher's weights.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
+import torch
 from diffusers import SD3Transformer2DModel
 from torch import Tensor, nn
 
@@ -54,12 +54,24 @@ class ToyAdapter(FamilyAdapter):
         self.encoder = PromptEncoder(self.folder)
         self._null: Conditioning | None = None
 
-    def build_networks(self) -> Networks:
-        teacher = SD3Transformer2DModel.from_pretrained(self.folder, subfolder="transformer")
-        teacher.eval().requires_grad_(False)
-        generator = copy.deepcopy(teacher).train().requires_grad_(True)
-        fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+    def to(self, device: torch.device) -> ToyAdapter:
+        self.encoder.model.to(device)
+        self._null = None
+        return self
+
+    def _load(self, dtype: torch.dtype) -> nn.Module:
+        return SD3Transformer2DModel.from_pretrained(self.folder, subfolder="transformer", torch_dtype=dtype)
+
+    def build_networks(
+        self, teacher_dtype: torch.dtype = torch.float32, train_dtype: torch.dtype = torch.float32
+    ) -> Networks:
+        teacher = self._load(teacher_dtype).eval().requires_grad_(False)
+        generator = self._load(train_dtype).train().requires_grad_(True)
+        fake_score = self._load(train_dtype).train().requires_grad_(True)
         return Networks(teacher=teacher, generator=generator, fake_score=fake_score)
+
+    def build_generator(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        return self._load(dtype)
 
     def sample_shape(self, resolution: int) -> tuple[int, ...]:
         return (3, resolution, resolution)

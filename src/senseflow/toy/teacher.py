@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -72,6 +73,12 @@ class TeacherTraining(_Strict):
     timestep_mean: float = Field(0.0, description="Logit-normal mean of sigma (SD3 uses 0).")
     timestep_std: float = Field(1.0, gt=0, description="Logit-normal std of sigma (SD3 uses 1).")
     log_every: int = Field(50, ge=1)
+    save_every: int = Field(
+        0,
+        ge=0,
+        description="Also write the EMA transformer every this many steps (0: only at the end), so a long "
+        "run stopped early keeps its last save.",
+    )
 
 
 class SamplingDefaults(_Strict):
@@ -193,16 +200,37 @@ def train_teacher(cfg: ToyTeacherConfig, out_dir: Path, progress: bool = True) -
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+            _save_ema(ema, out_dir, cfg, steps_done=step + 1, seconds=time.perf_counter() - start)
     log.close()
-    ema.save_pretrained(out_dir / "transformer")
-    summary = {"train_seconds": round(time.perf_counter() - start, 1), "steps": t.steps}
+    return _save_ema(ema, out_dir, cfg, steps_done=t.steps, seconds=time.perf_counter() - start)
+
+
+def _save_ema(
+    ema: SD3Transformer2DModel, out_dir: Path, cfg: ToyTeacherConfig, steps_done: int, seconds: float
+) -> Path:
+    """Write the EMA transformer and the summary; the transformer folder is replaced atomically."""
+    t = cfg.train
+    tmp, final, old = out_dir / "transformer.tmp", out_dir / "transformer", out_dir / "transformer.old"
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    ema.save_pretrained(tmp)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    summary = {"train_seconds": round(seconds, 1), "steps": steps_done}
     if t.init_from is not None:  # carry the history of the run it started from
         previous = json.loads((Path(t.init_from) / "train_summary.json").read_text())
         summary["history"] = [
             *previous.get("history", [previous]),
-            {"steps": t.steps, "init_from": t.init_from},
+            {"steps": steps_done, "init_from": t.init_from, "train_seconds": round(seconds, 1)},
         ]
         summary["total_steps"] = sum(h["steps"] for h in summary["history"])
+        if all("train_seconds" in h for h in summary["history"]):
+            summary["total_train_seconds"] = round(sum(h["train_seconds"] for h in summary["history"]), 1)
     summary["parameters"] = sum(p.numel() for p in ema.parameters())
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return out_dir

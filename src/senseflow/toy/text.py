@@ -103,5 +103,5 @@ class PromptEncoder:
         )
         if batch.input_ids.shape[1] > self.tokenizer.model_max_length:
             raise ValueError(f"a prompt is longer than {self.tokenizer.model_max_length} tokens: {prompts}")
-        out = self.model(input_ids=batch.input_ids)
+        out = self.model(input_ids=batch.input_ids.to(self.model.device))
         return out.last_hidden_state, out.text_embeds

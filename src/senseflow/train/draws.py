@@ -34,6 +34,13 @@ class DiscDraws:
             noise=None if self.noise is None else self.noise[start:stop],
         )
 
+    def to(self, device: torch.device) -> DiscDraws:
+        return DiscDraws(
+            aug=None if self.aug is None else {k: v.to(device) for k, v in self.aug.items()},
+            level=None if self.level is None else self.level.to(device),
+            noise=None if self.noise is None else self.noise.to(device),
+        )
+
     def cat(self, other: DiscDraws) -> DiscDraws:
         """Both passes' draws for one batched forward (``self`` first)."""
         aug = None if self.aug is None else {k: torch.cat([v, other.aug[k]]) for k, v in self.aug.items()}
@@ -76,6 +83,14 @@ class StepDraws:
                 out[f.name] = v[:, start:stop]
             else:
                 out[f.name] = v[start:stop]
+        return StepDraws(**out)
+
+    def to(self, device: torch.device) -> StepDraws:
+        """The same draws on ``device`` (they are always drawn on the CPU, so every device agrees)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = None if v is None else v.to(device)
         return StepDraws(**out)
 
 

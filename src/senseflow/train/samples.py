@@ -32,5 +32,5 @@ def save_sample_grid(distiller: Distiller, path: Path) -> Path:
         all_seeds,
         log.sample_sampler,
     )
-    images = quantise(images, rule="round")
+    images = quantise(images.cpu(), rule="round")
     return save_image(image_grid(np.asarray(images), ncols=len(prompts)), path)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from senseflow.config.loader import dump_config, save_resolved
 from senseflow.config.schema import DistillConfig, OptimizerConfig
+from senseflow.devices import autocast, resolve_device, set_tf32, to_dtype
 from senseflow.method import (
     as_x0_fn,
     backward_simulate,
@@ -61,23 +62,17 @@ def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
 
 
 def _check_supported(cfg: DistillConfig) -> None:
-    """Refuse settings this version would otherwise silently ignore."""
+    """Refuse settings this version would otherwise silently mistrain with."""
     p = cfg.precision
     unsupported = [
-        f"precision.{name}={value}"
-        for name, value in (
-            ("param_dtype", p.param_dtype),
-            ("autocast_dtype", p.autocast_dtype),
-            ("teacher_dtype", p.teacher_dtype),
-        )
-        if value != "fp32"
+        f"precision.{name}=fp16"
+        for name, value in (("param_dtype", p.param_dtype), ("autocast_dtype", p.autocast_dtype))
+        if value == "fp16"
     ]
-    if cfg.parallel.gradient_checkpointing:
-        unsupported.append("parallel.gradient_checkpointing=true")
     if unsupported:
         raise ValueError(
-            "not supported by this trainer version yet (it trains in float32 on the CPU): "
-            + ", ".join(unsupported)
+            "not supported: " + ", ".join(unsupported) + " (float16 training needs loss scaling, which this "
+            "trainer does not do; use bf16, as every official recipe does)"
         )
 
 
@@ -89,14 +84,28 @@ class Distiller:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.progress = progress and self.rank == 0
         self.run_dir = Path(cfg.output_dir)
-        self.adapter = build_adapter(cfg)
+        prec = cfg.precision
+        self.device = resolve_device(cfg.parallel.device)
+        self.autocast_dtype = to_dtype(prec.autocast_dtype, "precision.autocast_dtype")
+        set_tf32(prec.tf32)
+        self.adapter = build_adapter(cfg).to(self.device)
         self.param = self.adapter.param
-        nets = self.adapter.build_networks()
+        nets = self.adapter.build_networks(
+            teacher_dtype=to_dtype(prec.teacher_dtype, "precision.teacher_dtype"),
+            train_dtype=to_dtype(prec.param_dtype, "precision.param_dtype"),
+        )
+        for net in (nets.teacher, nets.generator, nets.fake_score):
+            net.to(self.device)
+        if cfg.parallel.gradient_checkpointing:
+            for net in (nets.teacher, nets.generator, nets.fake_score):
+                self.adapter.enable_gradient_checkpointing(net)
         if cfg.method.ida.enabled:
             check_ida_compatible(nets.fake_score, nets.generator)
         self.teacher, self.generator, self.fake_score = nets.teacher, nets.generator, nets.fake_score
         torch.manual_seed(cfg.seed)  # new parameters (discriminator heads) start alike on every rank and run
         self.discriminator = build_discriminator(cfg.method.gan, self.adapter, self.fake_score)
+        if self.discriminator is not None:
+            self.discriminator.to(self.device)
         wrap = self.adapter.parallelize
         strategy = cfg.parallel.strategy
         self.generator_ddp = wrap(self.generator, strategy)
@@ -121,8 +130,9 @@ class Distiller:
             )
             for k, opt in self.optimizers.items()
         }
-        self.anchor_levels = self.param.anchor_levels(self.adapter.anchors)
-        self.levels = torch.cat([self.anchor_levels, self.param.clean_level(1)])  # a_0 .. a_{K-1}, clean
+        self.anchor_levels = self.param.anchor_levels(self.adapter.anchors).to(self.device)
+        # a_0 .. a_{K-1}, clean
+        self.levels = torch.cat([self.anchor_levels, self.param.clean_level(1).to(self.device)])
         self.batch = cfg.data.batch_size
         self.data = build_data(cfg, global_batch=self.batch * self.world)
         self.guard = NonFiniteGuard(cfg.health.nan_patience)
@@ -130,11 +140,24 @@ class Distiller:
 
     # ------------------------------------------------------------------ pieces of one iteration
 
+    def _predict(self, net, x: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """A network's raw output in float32, computed under the recipe's autocast."""
+        with autocast(self.device, self.autocast_dtype):
+            return self.adapter.forward(net, x, level, cond)
+
+    def _guided(self, x: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor) -> Tensor:
+        with autocast(self.device, self.autocast_dtype):
+            return self.adapter.guided_predict(self.teacher, x, level, cond, guidance)
+
+    def _decode(self, x: Tensor) -> Tensor:
+        with autocast(self.device, self.autocast_dtype):
+            return self.adapter.decode(x).float()
+
     def _output_fn(self, net, cond: Conditioning):
-        return lambda x, level: self.adapter.predict(net, x, level, cond)
+        return lambda x, level: self._predict(net, x, level, cond)
 
     def _teacher_fn(self, cond: Conditioning, guidance: Tensor):
-        return lambda x, level: self.adapter.guided_predict(self.teacher, x, level, cond, guidance)
+        return lambda x, level: self._guided(x, level, cond, guidance)
 
     def _input(self, x_real: Tensor, d: StepDraws, cond: Conditioning) -> Tensor:
         level_j = self.levels[d.anchor_index]
@@ -159,20 +182,21 @@ class Distiller:
         """D's logits on ``x`` (in D's input space) after DiffAugment, with D's noise if it is noised."""
         if draws is not None and draws.aug is not None:
             x = diffaug(x, draws.aug)
-        if self.discriminator.noised:
-            if draws is None or draws.level is None:
-                raise ValueError("a noised discriminator needs its drawn levels and noise")
-            return disc(x, cond, draws.level, draws.noise)
-        return disc(x, cond)
+        with autocast(self.device, self.autocast_dtype):
+            if self.discriminator.noised:
+                if draws is None or draws.level is None:
+                    raise ValueError("a noised discriminator needs its drawn levels and noise")
+                return disc(x, cond, draws.level, draws.noise).float()
+            return disc(x, cond).float()
 
     def _generator_losses(self, x_in, out_in, x0, d: StepDraws, cond) -> tuple[Tensor, dict]:
         m, p = self.cfg.method, self.param
         x_t = p.add_noise(x0, d.dmd_noise, d.dmd_level).detach()
         with torch.no_grad():
             x0_fake = p.x0_from_output(
-                x_t, self.adapter.predict(self.fake_score, x_t, d.dmd_level, cond), d.dmd_level
+                x_t, self._predict(self.fake_score, x_t, d.dmd_level, cond), d.dmd_level
             )
-            real_out = self.adapter.guided_predict(self.teacher, x_t, d.dmd_level, cond, d.dmd_guidance)
+            real_out = self._guided(x_t, d.dmd_level, cond, d.dmd_guidance)
             x0_real = p.x0_from_output(x_t, real_out, d.dmd_level)
         dmd = dmd_loss(x0, x0_fake, x0_real)
         total, logs = (
@@ -182,7 +206,7 @@ class Distiller:
         level_j, level_next = self.levels[d.anchor_index], self.levels[d.anchor_index + 1]
         if self.discriminator is not None and m.gan.weight:
             # The unwrapped discriminator: its parameter gradients from this loss are discarded.
-            x_d = self.adapter.decode(x0) if self.discriminator.input_space == "pixels" else x0
+            x_d = self._decode(x0) if self.discriminator.input_space == "pixels" else x0
             logits = self._discriminate(self.discriminator, x_d, cond, d.disc_gen)
             g_loss = hinge_g_loss if m.gan.type != "dmd2_head" else nonsaturating_g_loss
             adv = g_loss(logits, self._gan_weights(level_j))
@@ -215,26 +239,31 @@ class Distiller:
         cfg, p, n = self.cfg, self.param, self.iteration
         images, prompts = self.data.batch(n)
         lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
-        images, prompts = images[lo:hi], prompts[lo:hi]
-        x_real = self.adapter.encode_images(images)
-        d = draw_step(
-            cfg.method,
-            p,
-            self.anchor_levels,
-            tuple(x_real.shape[1:]),
-            self.batch * self.world,
-            self.batch,
-            cfg.seed,
-            n,
-            disc_shape=self._disc_shape(images, x_real),
-            disc_noised=self.discriminator is not None and self.discriminator.noised,
-        ).slice(lo, hi)
+        images, prompts = images[lo:hi].to(self.device), prompts[lo:hi]
+        with autocast(self.device, self.autocast_dtype), torch.no_grad():
+            x_real = self.adapter.encode_images(images).float()
+        d = (
+            draw_step(
+                cfg.method,
+                p,
+                self.anchor_levels,
+                tuple(x_real.shape[1:]),
+                self.batch * self.world,
+                self.batch,
+                cfg.seed,
+                n,
+                disc_shape=self._disc_shape(images, x_real),
+                disc_noised=self.discriminator is not None and self.discriminator.noised,
+            )
+            .slice(lo, hi)
+            .to(self.device)
+        )
         cond = self.adapter.encode_prompts(prompts)
         x_in = self._input(x_real, d, cond)
         level_j = self.levels[d.anchor_index]
         generator_turn = n % cfg.method.ttur_ratio == 0
         with torch.set_grad_enabled(generator_turn):
-            out_in = self.adapter.predict(
+            out_in = self._predict(
                 self.generator_ddp if generator_turn else self.generator, x_in, level_j, cond
             )
             x0 = p.x0_from_output(x_in, out_in, level_j)
@@ -253,13 +282,13 @@ class Distiller:
         x0 = x0.detach()
         x_t = p.add_noise(x0, d.fake_noise, d.fake_level)
         fake = fake_score_loss(
-            p, self.adapter.predict(self.fake_ddp, x_t, d.fake_level, cond), x0, d.fake_noise, d.fake_level
+            p, self._predict(self.fake_ddp, x_t, d.fake_level, cond), x0, d.fake_noise, d.fake_level
         )
         losses["fake_score"] = fake
         logs["loss_fake"] = fake.item()
         if not non_finite({"fake": fake}):
             self._step("fake_score", fake, self.fake_score.parameters())
-        decoded = self.adapter.decode(x0)
+        decoded = self._decode(x0)
         if self.discriminator is not None:
             pixels = self.discriminator.input_space == "pixels"
             real_d, fake_d = (images, decoded) if pixels else (x_real, x0)
