@@ -126,3 +126,31 @@ def test_cli_bad_prompt_and_bad_override(tiny_teacher_dir, tmp_path, capsys):
     recipe = tiny_teacher_dir / "recipe.yaml"
     code = main(["toy", "train-teacher", "--config", str(recipe), "--out", str(tmp_path), "train.stepz=1"])
     assert code == 2 and "did you mean 'steps'" in capsys.readouterr().err
+
+
+def test_periodic_saves_and_continuation_history(tiny_teacher_dir, tmp_path, monkeypatch):
+    """train.save_every writes the EMA mid-run (replacing the folder whole); init_from keeps history."""
+    from diffusers import SD3Transformer2DModel
+
+    from senseflow.toy import teacher as teacher_mod
+    from tests.conftest import TINY_TEACHER
+
+    saved: list[int] = []
+    real_save = teacher_mod._save_ema
+
+    def spy(ema, out_dir, cfg, steps_done, seconds):
+        saved.append(steps_done)
+        return real_save(ema, out_dir, cfg, steps_done, seconds)
+
+    monkeypatch.setattr(teacher_mod, "_save_ema", spy)
+    train = TINY_TEACHER.train.model_copy(
+        update={"steps": 5, "save_every": 2, "init_from": str(tiny_teacher_dir)}
+    )
+    out = teacher_mod.train_teacher(TINY_TEACHER.model_copy(update={"train": train}), tmp_path, progress=False)
+    assert saved == [2, 4, 5]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("transformer")) == ["transformer"]
+    SD3Transformer2DModel.from_pretrained(out / "transformer")  # loadable
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 5
+    assert [h["steps"] for h in summary["history"]] == [3, 5]
+    assert summary["total_steps"] == 8
