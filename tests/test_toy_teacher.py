@@ -146,7 +146,8 @@ def test_periodic_saves_and_continuation_history(tiny_teacher_dir, tmp_path, mon
     train = TINY_TEACHER.train.model_copy(
         update={"steps": 5, "save_every": 2, "init_from": str(tiny_teacher_dir)}
     )
-    out = teacher_mod.train_teacher(TINY_TEACHER.model_copy(update={"train": train}), tmp_path, progress=False)
+    cfg = TINY_TEACHER.model_copy(update={"train": train})
+    out = teacher_mod.train_teacher(cfg, tmp_path, progress=False)
     assert saved == [2, 4, 5]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("transformer")) == ["transformer"]
     SD3Transformer2DModel.from_pretrained(out / "transformer")  # loadable
