@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from senseflow.config import load_config
 from senseflow.train import checkpoint as ckpt
+from senseflow.train.draws import draw_step
 from senseflow.train.health import TrainingDiverged
 from senseflow.train.trainer import Distiller
 
@@ -126,8 +127,21 @@ def test_nan_guard_skips_then_aborts(tiny_teacher_dir, tmp_path, monkeypatch):
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000000"
 
 
+DMD2_HEAD = [
+    "method.gan.type=dmd2_head",
+    "method.gan.weight=5e-3",
+    "method.gan.disc_weight=1e-2",
+    "method.gan.time_weight=constant",
+]
+
+
+# D's loss at full weight, so that a fake-score gradient missing from DDP's all-reduce would show.
+DMD2_HEAD_SHARED = [*DMD2_HEAD, "method.gan.disc_weight=1.0"]
+
+
 @pytest.mark.skipif(not hasattr(torch.distributed, "is_available"), reason="no torch.distributed")
-def test_ddp_two_ranks_match_one_process(tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("gan", [[], DMD2_HEAD_SHARED], ids=["toy", "dmd2_head_trains_fake"])
+def test_ddp_two_ranks_match_one_process(tiny_teacher_dir, tmp_path, gan):
     """torchrun with 2 ranks x batch 1 equals one process x batch 2 (per-sample randomness)."""
     common = [
         "configs/toy/distill.yaml",
@@ -135,6 +149,7 @@ def test_ddp_two_ranks_match_one_process(tiny_teacher_dir, tmp_path):
         "schedule.iterations=6",
         "logging.sample_every=null",
         "checkpoint.every=6",
+        *gan,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
@@ -162,14 +177,6 @@ def test_ddp_two_ranks_match_one_process(tiny_teacher_dir, tmp_path):
     for module in one:
         for key in one[module]:
             torch.testing.assert_close(one[module][key], two[module][key], rtol=1e-4, atol=1e-4)
-
-
-DMD2_HEAD = [
-    "method.gan.type=dmd2_head",
-    "method.gan.weight=5e-3",
-    "method.gan.disc_weight=1e-2",
-    "method.gan.time_weight=constant",
-]
 
 
 def test_dmd2_head_trains_and_logs_finite_losses(tiny_teacher_dir, tmp_path, monkeypatch):
@@ -200,6 +207,64 @@ def test_dmd2_head_trains_and_logs_finite_losses(tiny_teacher_dir, tmp_path, mon
                 assert math.isfinite(line[key]), f"{key} = {line[key]}"
     saved = _weights(tmp_path, 2)["discriminator"]
     assert saved.keys() == head0.keys()  # the checkpoint holds the head only, not the fake score
+
+
+def _fake_grads_at_its_step(run: Distiller, iteration: int) -> dict[str, torch.Tensor]:
+    """The fake score's gradients when its optimiser steps at ``iteration``."""
+    grads = {}
+
+    def record(_opt, _args, _kwargs):
+        grads.update({n: p.grad.clone() for n, p in run.fake_score.named_parameters() if p.grad is not None})
+
+    run.optimizers["fake_score"].register_step_pre_hook(record)
+    run.iteration = iteration
+    run.train_step()
+    return grads
+
+
+def test_dmd2_head_loss_trains_the_fake_score(tiny_teacher_dir, tmp_path):
+    """DMD2 (§8.2): the head is part of the fake network, so the fake score's update is the gradient of
+    fake loss + D loss; with head_trains_fake=false it is the fake loss's alone. The difference must be
+    D's gradient with respect to the fake score's weights, taken directly with autograd."""
+    extra = ["schedule.iterations=2", *DMD2_HEAD, "method.gan.disc_weight=1.0", "optim.fake.clip_grad=null"]
+    joint = _fake_grads_at_its_step(Distiller(_cfg(tiny_teacher_dir, tmp_path / "a", *extra)), 1)
+    alone = _fake_grads_at_its_step(
+        Distiller(_cfg(tiny_teacher_dir, tmp_path / "b", *extra, "method.gan.head_trains_fake=false")), 1
+    )
+    # D's loss of iteration 1 on a fresh run, differentiated with respect to the fake score.
+    run = Distiller(_cfg(tiny_teacher_dir, tmp_path / "c", *extra), progress=False)
+    run.iteration = 1
+    images, prompts = run.data.batch(1)
+    x_real = run.adapter.encode_images(images[:2])
+    draws = draw_step(
+        run.cfg.method,
+        run.param,
+        run.anchor_levels,
+        tuple(x_real.shape[1:]),
+        2,
+        2,
+        run.cfg.seed,
+        1,
+        disc_shape=tuple(x_real.shape[1:]),
+        disc_noised=True,
+    )
+    cond = run.adapter.encode_prompts(prompts[:2])
+    x_in = run._input(x_real, draws, cond)
+    level_j = run.levels[draws.anchor_index]
+    with torch.no_grad():
+        x0 = run.param.x0_from_output(x_in, run._predict(run.generator, x_in, level_j, cond), level_j)
+    with run.discriminator.fake_in_graph():
+        d_loss, _ = run._discriminator_loss(x_real, x0, cond, level_j, draws)
+    names, params = zip(*run.fake_score.named_parameters(), strict=True)
+    d_grads = torch.autograd.grad(d_loss, params, allow_unused=True)
+    reached = 0
+    for name, g in zip(names, d_grads, strict=True):
+        if g is None:  # blocks after the head's block do not affect D's logit
+            torch.testing.assert_close(joint[name], alone[name], rtol=0, atol=0)
+            continue
+        reached += int(g.abs().max() > 0)
+        torch.testing.assert_close(joint[name] - alone[name], g, rtol=1e-4, atol=1e-7)
+    assert reached > 0
 
 
 @pytest.mark.parametrize("gan", [[], DMD2_HEAD], ids=["toy", "dmd2_head"])

@@ -201,6 +201,14 @@ class GANConfig(_Section):
         default_factory=lambda: ["color", "translation", "cutout"],
         description="DiffAugment policy applied to D's input image only (§8.1); parameters unknown (§12.14).",
     )
+    head_trains_fake: bool = Field(
+        default=True,
+        description=(
+            "dmd2_head only: D's loss also trains the fake score the head reads (in DMD2 the head is part "
+            "of the fake network, so fake loss + classifier loss take one update) [derived, §8.2]; false "
+            "keeps the fake score's weights out of D's loss (the head alone learns)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _required(self) -> Self:

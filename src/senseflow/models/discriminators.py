@@ -18,6 +18,8 @@ The interface the trainer relies on, shared by every discriminator:
 * ``noised``: when True, ``forward(x, cond, level, noise)`` noises ``x`` itself with the given
   (drawn) level and noise; otherwise ``forward(x, cond)``;
 * ``trainable_parameters()``: what D's optimizer holds;
+* ``shares_fake_update``: when True, D's loss also trains the fake score (one backward of the fake
+  loss plus D's loss, both optimisers step), computed inside ``fake_in_graph()``;
 * ``forward`` returns logits ``[B, ...]`` (averaged per sample by the losses).
 """
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -88,6 +90,7 @@ class ProjectedDiscriminator(nn.Module):
 
     input_space: ClassVar[InputSpace] = "pixels"
     noised: ClassVar[bool] = False
+    shares_fake_update: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -156,18 +159,27 @@ class FakeScoreHeadDiscriminator(nn.Module):
     ``x`` (model space) is noised to ``level`` with ``noise`` (both drawn by the trainer), the fake
     score runs on it with the sample's prompt, and a forward hook captures the image-token output of
     ``transformer_blocks[block]``. The head (LayerNorm, two Linear+SiLU layers on the tokens, a
-    mean over tokens, a Linear to one logit) is the only trainable part. The fake network is held by
-    reference, not as a submodule, so it is neither in this module's state dict nor in its DDP
-    wrapper, and its weights are kept out of the graph during the forward: D's loss never gives
-    them a gradient, while the generator's adversarial gradient still flows through the fake
-    network's activations back to ``x``.
+    mean over tokens, a Linear to one logit) is what D's optimiser holds. The fake network is held
+    by reference, not as a submodule, so it is neither in this module's state dict nor in its DDP
+    wrapper. Its weights are kept out of the graph during the forward (the generator's adversarial
+    gradient still flows through its activations back to ``x``), except inside ``fake_in_graph()``:
+    with ``trains_fake`` (DMD2, where the head is part of the fake network) the trainer computes D's
+    loss there and steps the fake score on fake loss + D loss.
     """
 
     input_space: ClassVar[InputSpace] = "model"
     noised: ClassVar[bool] = True
 
-    def __init__(self, adapter: FamilyAdapter, fake_score: nn.Module, block: int | None = None):
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        fake_score: nn.Module,
+        block: int | None = None,
+        trains_fake: bool = True,
+    ):
         super().__init__()
+        self.shares_fake_update = trains_fake
+        self._fake_weights_in_graph = False
         blocks = _feature_blocks(fake_score)
         self.feature_block = len(blocks) // 2 if block is None else int(block)
         if not 0 <= self.feature_block < len(blocks):
@@ -196,6 +208,15 @@ class FakeScoreHeadDiscriminator(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    @contextmanager
+    def fake_in_graph(self) -> Iterator[None]:
+        """Forwards inside keep the fake score's weights in the graph, so D's loss reaches them."""
+        self._fake_weights_in_graph = True
+        try:
+            yield
+        finally:
+            self._fake_weights_in_graph = False
+
     def features(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
         """Image tokens [B, N, C] of the hooked block of the fake score at ``x_t``."""
         fake = self.fake_score
@@ -203,8 +224,9 @@ class FakeScoreHeadDiscriminator(nn.Module):
         hook = _feature_blocks(fake)[self.feature_block].register_forward_hook(
             lambda _module, _inputs, output: captured.append(_tokens(output))
         )
+        weights = nullcontext() if self._fake_weights_in_graph else _weights_frozen(fake)
         try:
-            with _weights_frozen(fake):
+            with weights:
                 self.adapter.forward(fake, x_t, level, cond)
         finally:
             hook.remove()
@@ -247,7 +269,7 @@ def build_discriminator(
     if gan.type == "dmd2_head":
         if fake_score is None:
             raise ValueError("method.gan.type 'dmd2_head' needs the fake score network")
-        return FakeScoreHeadDiscriminator(adapter, fake_score, head_block(gan))
+        return FakeScoreHeadDiscriminator(adapter, fake_score, head_block(gan), gan.head_trains_fake)
     raise ValueError(
         f"method.gan.type: '{gan.type}' is not available in this version (available: toy, dmd2_head, none)"
     )

@@ -286,13 +286,23 @@ class Distiller:
         )
         losses["fake_score"] = fake
         logs["loss_fake"] = fake.item()
-        if not non_finite({"fake": fake}):
-            self._step("fake_score", fake, self.fake_score.parameters())
         decoded = self._decode(x0)
-        if self.discriminator is not None:
-            pixels = self.discriminator.input_space == "pixels"
+        disc = self.discriminator
+        fake_alone = disc is None or not disc.shares_fake_update
+        if fake_alone and not non_finite({"fake": fake}):
+            self._step("fake_score", fake, self.fake_score.parameters())
+        if disc is not None:
+            pixels = disc.input_space == "pixels"
             real_d, fake_d = (images, decoded) if pixels else (x_real, x0)
-            logs.update(self._discriminator_step(real_d, fake_d, cond, level_j, losses, d))
+            if disc.shares_fake_update:  # D's loss also trains the fake score: one backward, two steps
+                with disc.fake_in_graph():
+                    d_loss, more = self._discriminator_loss(real_d, fake_d, cond, level_j, d)
+                losses["discriminator"] = d_loss
+                if not non_finite({"fake": fake, "d": d_loss}):
+                    self._joint_step(("fake_score", "discriminator"), fake + d_loss)
+            else:
+                more = self._discriminator_step(real_d, fake_d, cond, level_j, losses, d)
+            logs.update(more)
         logs.update(image_stats(decoded, cfg.health))
         self.guard.end_iteration(non_finite(losses), n)
         self.iteration += 1
@@ -304,10 +314,10 @@ class Distiller:
             return None
         return tuple((images if self.discriminator.input_space == "pixels" else x_real).shape[1:])
 
-    def _discriminator_step(
-        self, real, fake, cond, level_j, losses, d: StepDraws | None = None
-    ) -> dict[str, float]:
-        """D's update on ``real`` and sg(``fake``), both in D's input space (RGB or model space)."""
+    def _discriminator_loss(
+        self, real, fake, cond, level_j, d: StepDraws | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """D's loss on ``real`` and sg(``fake``), both in D's input space (RGB or model space)."""
         gan = self.cfg.method.gan
         draws = None if d is None or d.disc_real is None else d.disc_real.cat(d.disc_fake)
         # One forward over real and fake together: DDP pairs each forward with one backward.
@@ -315,14 +325,31 @@ class Distiller:
         real_logits, fake_logits = logits.chunk(2)
         d_loss = hinge_d_loss if gan.type != "dmd2_head" else nonsaturating_d_loss
         loss = gan.disc_weight * d_loss(real_logits, fake_logits, self._gan_weights(level_j))
-        losses["discriminator"] = loss
-        if not non_finite({"d": loss}):
-            self._step("discriminator", loss, self.discriminator.trainable_parameters())
-        return {
+        return loss, {
             "loss_disc": loss.item(),
             "disc_real_acc": (real_logits > 0).float().mean().item(),
             "disc_fake_acc": (fake_logits < 0).float().mean().item(),
         }
+
+    def _discriminator_step(self, real, fake, cond, level_j, losses, d: StepDraws | None = None) -> dict:
+        """D's loss and its own update, for a D that does not share the fake score's update."""
+        loss, logs = self._discriminator_loss(real, fake, cond, level_j, d)
+        losses["discriminator"] = loss
+        if not non_finite({"d": loss}):
+            self._step("discriminator", loss, self.discriminator.trainable_parameters())
+        return logs
+
+    def _joint_step(self, names: tuple[str, ...], loss: Tensor) -> None:
+        """One backward of a loss shared by several networks, then each optimiser's clip and step."""
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        for name in names:
+            if self.clips[name] is not None:
+                params = [p for group in self.optimizers[name].param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.clips[name])
+            self.optimizers[name].step()
+            self.schedulers[name].step()
 
     # ------------------------------------------------------------------ state, checkpoints, loop
 
