@@ -139,44 +139,72 @@ DMD2_HEAD = [
 DMD2_HEAD_SHARED = [*DMD2_HEAD, "method.gan.disc_weight=1.0"]
 
 
-@pytest.mark.skipif(not hasattr(torch.distributed, "is_available"), reason="no torch.distributed")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_cli(*args: str, ranks: int = 1) -> None:
+    """``senseflow train`` in a subprocess: plain, or under torchrun with ``ranks`` CPU ranks (gloo)."""
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, "-m", "senseflow.cli", "train", "--quiet", "configs/toy/distill.yaml", *args]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+
+
+def _assert_close_weights(a, b):
+    for module in a:
+        assert a[module].keys() == b[module].keys()
+        for key in a[module]:
+            torch.testing.assert_close(a[module][key], b[module][key], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("gan", [[], DMD2_HEAD_SHARED], ids=["toy", "dmd2_head_trains_fake"])
 def test_ddp_two_ranks_match_one_process(tiny_teacher_dir, tmp_path, gan):
     """torchrun with 2 ranks x batch 1 equals one process x batch 2 (per-sample randomness)."""
     common = [
-        "configs/toy/distill.yaml",
         f"model.teacher={tiny_teacher_dir}",
         "schedule.iterations=6",
         "logging.sample_every=null",
         "checkpoint.every=6",
         *gan,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    root = Path(__file__).resolve().parents[1]
-    cli = [sys.executable, "-m", "senseflow.cli", "train", "--quiet"]
-    subprocess.run(
-        [*cli, *common, "data.batch_size=2", f"output_dir={tmp_path / 'one'}"], check=True, cwd=root, env=env
+    _train_cli(*common, "data.batch_size=2", f"output_dir={tmp_path / 'one'}")
+    _train_cli(*common, "data.batch_size=1", f"output_dir={tmp_path / 'two'}", ranks=2)
+    _assert_close_weights(_weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6))
+
+
+@pytest.mark.parametrize("gan", [[], DMD2_HEAD_SHARED], ids=["toy", "dmd2_head_trains_fake"])
+def test_fsdp2_matches_one_process_and_its_checkpoints_resume_anywhere(tiny_teacher_dir, tmp_path, gan):
+    """FSDP2 (fully_shard per transformer block, then the root) on 2 ranks x batch 1, stopped at 3 and
+    resumed to 6, equals one process x batch 2; its whole-weight checkpoint at 3 also continues in one
+    process to the same weights. Samples are drawn on both ranks (each sharded forward gathers)."""
+    common = [
+        f"model.teacher={tiny_teacher_dir}",
+        "logging.sample_every=3",
+        "logging.sample_seeds=[0]",
+        "checkpoint.every=3",
+        "checkpoint.keep_last=3",
+        *gan,
+    ]
+    one, two, mixed = tmp_path / "one", tmp_path / "two", tmp_path / "mixed"
+    _train_cli(*common, "schedule.iterations=6", "data.batch_size=2", f"output_dir={one}")
+    fsdp = [*common, "data.batch_size=1", "parallel.strategy=fsdp", f"output_dir={two}"]
+    _train_cli(*fsdp, "schedule.iterations=3", ranks=2)
+    _train_cli(*fsdp, "schedule.iterations=6", "checkpoint.resume=latest", ranks=2)
+    sharded_step3 = two / "checkpoints" / "step-00000003"
+    _train_cli(
+        *common,
+        "schedule.iterations=6",
+        "data.batch_size=2",
+        f"checkpoint.resume={sharded_step3}",
+        f"output_dir={mixed}",
     )
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    subprocess.run(
-        [
-            *torchrun,
-            "-m",
-            "senseflow.cli",
-            "train",
-            "--quiet",
-            *common,
-            "data.batch_size=1",
-            f"output_dir={tmp_path / 'two'}",
-        ],
-        check=True,
-        cwd=root,
-        env=env,
-    )
-    one, two = _weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6)
-    for module in one:
-        for key in one[module]:
-            torch.testing.assert_close(one[module][key], two[module][key], rtol=1e-4, atol=1e-4)
+    reference = _weights(one, 6)
+    _assert_close_weights(reference, _weights(two, 6))
+    _assert_close_weights(reference, _weights(mixed, 6))
+    assert (two / "samples" / "step-00000003.png").is_file()
+    assert (two / "samples" / "step-00000006.png").is_file()
 
 
 def test_dmd2_head_trains_and_logs_finite_losses(tiny_teacher_dir, tmp_path, monkeypatch):

@@ -53,21 +53,29 @@ def backward_simulate(
     j: int | Tensor,
     param: Parameterisation,
     generator: NoiseSource = None,
+    steps: int | None = None,
 ) -> Tensor:
     """G's own sample at anchor a_j: from ``noise`` at a_0, predict x̂0 and re-noise with fresh ε.
 
     For l = 0..j−1: x̂0 = G(x, a_l); x ← add_noise(x̂0, ε', a_{l+1}). ``j`` is an int (one anchor per
     rank, as the code) or a long ``[B]`` tensor (per sample; finished samples are held fixed while
     others continue, and fresh noise is still drawn for the whole batch at every step). j = 0 returns
-    ``noise``. Runs without grad.
+    ``noise``. ``steps`` (>= max j) runs that many generator calls instead of max j, so that ranks
+    whose batches need fewer still join every sharded forward; the result does not change. Runs
+    without grad.
     """
     B = noise.shape[0]
     K = anchor_levels.shape[0]
     j_t = torch.as_tensor(j, device=noise.device).long().expand(B)
     if bool(((j_t < 0) | (j_t >= K)).any()):
         raise ValueError(f"j must lie in [0, {K - 1}], got {j_t.tolist()}")
+    needed = int(j_t.max())
+    if steps is None:
+        steps = needed
+    if not needed <= steps <= K - 1:
+        raise ValueError(f"steps must lie in [{needed}, {K - 1}] (max j to K - 1), got {steps}")
     x = noise
-    for step in range(int(j_t.max())):
+    for step in range(steps):
         x0 = student_x0_fn(x, _level(anchor_levels, step, B, noise.device))
         x_next = param.add_noise(x0, _randn_like(x, generator), _level(anchor_levels, step + 1, B, x.device))
         active = (j_t > step).reshape(-1, *([1] * (x.ndim - 1)))

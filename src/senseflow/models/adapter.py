@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,8 @@ from senseflow.core.parameterisation import Parameterisation
 from senseflow.core.timesteps import Anchors
 from senseflow.devices import module_dtype
 from senseflow.sampling import CfgConvention, combine_guidance
+
+Role = Literal["teacher", "generator", "fake_score", "discriminator"]
 
 
 @dataclass(frozen=True)
@@ -143,10 +146,45 @@ class FamilyAdapter(ABC):
         w = scale.view(-1, *([1] * (c.ndim - 1))).to(c.dtype)
         return combine_guidance(c, u, w, self.cfg_convention)
 
-    def parallelize(self, module: nn.Module, strategy: str) -> nn.Module:
-        """Wrap a trainable module for data parallelism (DDP here; FSDP2 plans per family later)."""
+    # Block lists of diffusers' DiTs and UNets: the units FSDP2 shards one by one before the root.
+    SHARD_UNIT_ATTRIBUTES: tuple[str, ...] = (
+        "transformer_blocks",
+        "single_transformer_blocks",
+        "down_blocks",
+        "mid_block",
+        "up_blocks",
+    )
+
+    def shard_units(self, module: nn.Module) -> list[nn.Module]:
+        """The submodules FSDP2 wraps separately, so only one unit's full weights exist at a time."""
+        units: list[nn.Module] = []
+        for name in self.SHARD_UNIT_ATTRIBUTES:
+            found = getattr(module, name, None)
+            if isinstance(found, nn.ModuleList):
+                units.extend(found)
+            elif isinstance(found, nn.Module):
+                units.append(found)
+        return units
+
+    def parallelize(self, module: nn.Module, strategy: str, role: Role) -> nn.Module:
+        """Prepare one network for data parallelism; returns what the trainer calls.
+
+        ``ddp``: the trainable networks in DistributedDataParallel, the frozen teacher as it is.
+        ``fsdp``: FSDP2 (``fully_shard``, FULL_SHARD) on every shard unit and the root for generator,
+        fake score and teacher (the official "G and guidance model"), the discriminator in DDP, as
+        in the official code. FSDP2 shards in place, so the returned module is ``module`` itself.
+        """
         if strategy == "none" or not torch.distributed.is_initialized():
             return module
-        if strategy == "ddp":
+        if strategy == "fsdp" and role != "discriminator":
+            from torch.distributed.fsdp import fully_shard
+
+            for unit in self.shard_units(module):
+                fully_shard(unit)
+            fully_shard(module)
+            return module
+        if strategy in ("ddp", "fsdp"):
+            if role == "teacher":  # frozen: nothing to synchronise
+                return module
             return nn.parallel.DistributedDataParallel(module)
         raise ValueError(f"parallel.strategy {strategy!r} is not supported by {type(self).__name__}")

@@ -5,6 +5,10 @@ A checkpoint is a folder ``step-XXXXXXXX/`` holding one safetensors file per tra
 resolved config. It is written under a temporary name and renamed into place only when complete,
 so a crash during a save leaves the previous checkpoint as the latest loadable one; ``meta.json``
 is written last inside the temporary folder and marks completeness.
+
+Weights and optimiser states are stored whole (not sharded) and keyed by parameter name, gathered
+with ``torch.distributed.checkpoint.state_dict``: the same files come from one process, DDP or FSDP2,
+and any of them can continue on any world size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 TMP_SUFFIX = ".partial"
@@ -41,9 +52,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+# Whole tensors on the CPU; under FSDP2 only rank 0 receives them (the others get empty dicts).
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_SCATTER = StateDictOptions(full_state_dict=True, strict=True)
+
+
+def gather_weights(module: nn.Module) -> dict[str, Tensor]:
+    """The module's whole state dict (a collective under FSDP2: every rank must call it)."""
+    return get_model_state_dict(module, options=_GATHER)
+
+
+def gather_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's whole state, keyed by parameter name (a collective under FSDP2)."""
+    return get_optimizer_state_dict(module, optimizer, options=_GATHER)
+
+
+def load_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore a state from ``gather_optimizer`` into a plain, DDP or FSDP2 module's optimiser."""
+    set_optimizer_state_dict(module, optimizer, state, options=_SCATTER)
+
+
+def _module_tensors(module: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    tensors = module.state_dict() if isinstance(module, nn.Module) else module
     # safetensors refuses shared storage; clone contiguous copies (small next to a training step).
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -66,12 +98,15 @@ def latest_checkpoint(root: Path) -> Path | None:
 def save_checkpoint(
     root: Path,
     step: int,
-    modules: Mapping[str, nn.Module],
+    modules: Mapping[str, nn.Module | Mapping[str, Tensor]],
     state: dict[str, Any],
     config_text: str,
     keep_last: int,
 ) -> Path:
-    """Write a complete checkpoint atomically, then prune to the newest ``keep_last``."""
+    """Write a complete checkpoint atomically, then prune to the newest ``keep_last``.
+
+    ``modules`` maps a name to a module or to its (gathered) state dict.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / (final.name + TMP_SUFFIX)
@@ -108,8 +143,8 @@ def load_checkpoint(path: Path, modules: Mapping[str, nn.Module]) -> dict[str, A
     if missing:
         raise ValueError(f"checkpoint {path} has no weights for {missing} (it holds {meta['modules']})")
     for name, module in modules.items():
-        module.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
-    return torch.load(path / STATE, weights_only=False)
+        set_model_state_dict(module, load_file(str(path / f"{name}.safetensors")), options=_SCATTER)
+    return torch.load(path / STATE, weights_only=False, map_location="cpu")
 
 
 def clean_partial(root: Path) -> list[Path]:

@@ -85,6 +85,10 @@ class StepDraws:
                 out[f.name] = v[start:stop]
         return StepDraws(**out)
 
+    def rollout_steps(self) -> int:
+        """Generator calls the backward simulation of these draws needs (the deepest simulated anchor)."""
+        return int(torch.where(self.simulate, self.anchor_index, 0).max())
+
     def to(self, device: torch.device) -> StepDraws:
         """The same draws on ``device`` (they are always drawn on the CPU, so every device agrees)."""
         out = {}

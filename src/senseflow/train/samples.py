@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from senseflow.train.trainer import Distiller
 
 
-def save_sample_grid(distiller: Distiller, path: Path) -> Path:
+def save_sample_grid(distiller: Distiller, path: Path, write: bool = True) -> Path:
+    """Sample the fixed prompts and seeds (every rank must call this under FSDP2); write if ``write``."""
     log = distiller.cfg.logging
     prompts, seeds = list(log.sample_prompts), list(log.sample_seeds)
     if not prompts:
@@ -32,5 +33,7 @@ def save_sample_grid(distiller: Distiller, path: Path) -> Path:
         all_seeds,
         log.sample_sampler,
     )
+    if not write:
+        return path
     images = quantise(images.cpu(), rule="round")
     return save_image(image_grid(np.asarray(images), ncols=len(prompts)), path)

@@ -46,6 +46,7 @@ from senseflow.train.data import build_data
 from senseflow.train.draws import DiscDraws, StepDraws, draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
 from senseflow.train.samples import save_sample_grid
+from senseflow.train.sharding import reshard
 
 
 def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -108,8 +109,10 @@ class Distiller:
             self.discriminator.to(self.device)
         wrap = self.adapter.parallelize
         strategy = cfg.parallel.strategy
-        self.generator_ddp = wrap(self.generator, strategy)
-        self.fake_ddp = wrap(self.fake_score, strategy)
+        # FSDP2 shards in place (the *_ddp names then hold the modules themselves); DDP wraps.
+        self.teacher = wrap(self.teacher, strategy, "teacher")
+        self.generator_ddp = wrap(self.generator, strategy, "generator")
+        self.fake_ddp = wrap(self.fake_score, strategy, "fake_score")
         o = cfg.optim
         self.optimizers = {
             "generator": _optimizer(self.generator.parameters(), o.generator),
@@ -117,7 +120,7 @@ class Distiller:
         }
         clips = {"generator": o.generator.clip_grad, "fake_score": o.fake.clip_grad}
         if self.discriminator is not None:
-            self.disc_ddp = wrap(self.discriminator, strategy)
+            self.disc_ddp = wrap(self.discriminator, strategy, "discriminator")
             self.optimizers["discriminator"] = _optimizer(
                 self.discriminator.trainable_parameters(), o.discriminator
             )
@@ -159,10 +162,18 @@ class Distiller:
     def _teacher_fn(self, cond: Conditioning, guidance: Tensor):
         return lambda x, level: self._guided(x, level, cond, guidance)
 
-    def _input(self, x_real: Tensor, d: StepDraws, cond: Conditioning) -> Tensor:
+    def _input(
+        self, x_real: Tensor, d: StepDraws, cond: Conditioning, rollout_steps: int | None = None
+    ) -> Tensor:
+        """G's input: backward simulation or forward-noised data per sample.
+
+        ``rollout_steps``: generator calls of the simulation, from the *global* batch's draws so every
+        rank makes the same calls (FSDP2 gathers weights in each); default: what ``d`` needs.
+        """
         level_j = self.levels[d.anchor_index]
         noised = self.param.add_noise(x_real, d.input_noise, level_j)
-        if not bool(d.simulate.any()):
+        rollout_steps = d.rollout_steps() if rollout_steps is None else rollout_steps
+        if rollout_steps == 0:
             return noised
         steps = iter(d.simulation_noise)
         simulated = backward_simulate(
@@ -172,6 +183,7 @@ class Distiller:
             torch.where(d.simulate, d.anchor_index, 0),
             self.param,
             generator=lambda like: next(steps).to(like),
+            steps=rollout_steps,
         )
         return torch.where(d.simulate.view(-1, *[1] * (x_real.ndim - 1)), simulated, noised)
 
@@ -225,6 +237,17 @@ class Distiller:
             logs["loss_isg"] = isg.item()
         return total, logs
 
+    def _non_finite(self, losses: dict[str, Tensor]) -> list[str]:
+        """Non-finite losses on this rank, or a marker when only another rank has one: every rank
+        must skip the same updates, or their collectives would no longer pair up."""
+        bad = non_finite(losses)
+        if dist.is_initialized():
+            flag = torch.tensor([float(bool(bad))], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not bad:
+                bad = ["another rank's " + "/".join(losses)]
+        return bad
+
     def _step(self, name: str, loss: Tensor, module_params) -> None:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
@@ -242,24 +265,21 @@ class Distiller:
         images, prompts = images[lo:hi].to(self.device), prompts[lo:hi]
         with autocast(self.device, self.autocast_dtype), torch.no_grad():
             x_real = self.adapter.encode_images(images).float()
-        d = (
-            draw_step(
-                cfg.method,
-                p,
-                self.anchor_levels,
-                tuple(x_real.shape[1:]),
-                self.batch * self.world,
-                self.batch,
-                cfg.seed,
-                n,
-                disc_shape=self._disc_shape(images, x_real),
-                disc_noised=self.discriminator is not None and self.discriminator.noised,
-            )
-            .slice(lo, hi)
-            .to(self.device)
+        everyone = draw_step(  # the global batch's draws; this rank takes its slice
+            cfg.method,
+            p,
+            self.anchor_levels,
+            tuple(x_real.shape[1:]),
+            self.batch * self.world,
+            self.batch,
+            cfg.seed,
+            n,
+            disc_shape=self._disc_shape(images, x_real),
+            disc_noised=self.discriminator is not None and self.discriminator.noised,
         )
+        d = everyone.slice(lo, hi).to(self.device)
         cond = self.adapter.encode_prompts(prompts)
-        x_in = self._input(x_real, d, cond)
+        x_in = self._input(x_real, d, cond, rollout_steps=everyone.rollout_steps())
         level_j = self.levels[d.anchor_index]
         generator_turn = n % cfg.method.ttur_ratio == 0
         with torch.set_grad_enabled(generator_turn):
@@ -273,9 +293,10 @@ class Distiller:
             total, more = self._generator_losses(x_in, out_in, x0, d, cond)
             logs.update(more)
             losses["generator"] = total
-            if not non_finite({"generator": total}):
+            if not self._non_finite({"generator": total}):
                 self._step("generator", total, self.generator.parameters())
                 if cfg.method.ida.enabled:
+                    reshard(self.fake_score, self.generator)  # IDA pairs the local shards
                     ida_update_(
                         self.fake_score, self.generator, cfg.method.ida.lam, cfg.method.ida.update_dtype
                     )
@@ -289,7 +310,7 @@ class Distiller:
         decoded = self._decode(x0)
         disc = self.discriminator
         fake_alone = disc is None or not disc.shares_fake_update
-        if fake_alone and not non_finite({"fake": fake}):
+        if fake_alone and not self._non_finite({"fake": fake}):
             self._step("fake_score", fake, self.fake_score.parameters())
         if disc is not None:
             pixels = disc.input_space == "pixels"
@@ -298,13 +319,13 @@ class Distiller:
                 with disc.fake_in_graph():
                     d_loss, more = self._discriminator_loss(real_d, fake_d, cond, level_j, d)
                 losses["discriminator"] = d_loss
-                if not non_finite({"fake": fake, "d": d_loss}):
+                if not self._non_finite({"fake": fake, "d": d_loss}):
                     self._joint_step(("fake_score", "discriminator"), fake + d_loss)
             else:
                 more = self._discriminator_step(real_d, fake_d, cond, level_j, losses, d)
             logs.update(more)
         logs.update(image_stats(decoded, cfg.health))
-        self.guard.end_iteration(non_finite(losses), n)
+        self.guard.end_iteration(self._non_finite(losses), n)
         self.iteration += 1
         return logs
 
@@ -335,7 +356,7 @@ class Distiller:
         """D's loss and its own update, for a D that does not share the fake score's update."""
         loss, logs = self._discriminator_loss(real, fake, cond, level_j, d)
         losses["discriminator"] = loss
-        if not non_finite({"d": loss}):
+        if not self._non_finite({"d": loss}):
             self._step("discriminator", loss, self.discriminator.trainable_parameters())
         return logs
 
@@ -360,22 +381,27 @@ class Distiller:
         return mods
 
     def training_state(self) -> dict:
+        """Everything but the weights (a collective under FSDP2: every rank must call it)."""
+        modules = self.modules()
         return {
             "iteration": self.iteration,
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "optimizers": {k: ckpt.gather_optimizer(modules[k], o) for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "guard": self.guard.state_dict(),
             "world_size": self.world,
         }
 
     def save(self) -> Path | None:
+        """Gather whole weights and states on every rank; rank 0 writes them."""
+        weights = {k: ckpt.gather_weights(m) for k, m in self.modules().items()}
+        state = self.training_state()
         path = None
         if self.rank == 0:
             path = ckpt.save_checkpoint(
                 self.run_dir / "checkpoints",
                 self.iteration,
-                self.modules(),
-                self.training_state(),
+                weights,
+                state,
                 dump_config(self.cfg),
                 self.cfg.checkpoint.keep_last,
             )
@@ -384,9 +410,10 @@ class Distiller:
         return path
 
     def resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.modules())
+        modules = self.modules()
+        state = ckpt.load_checkpoint(path, modules)
         for k, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][k])
+            ckpt.load_optimizer(modules[k], opt, state["optimizers"][k])
         for k, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][k])
         self.guard.load_state_dict(state["guard"])
@@ -426,8 +453,8 @@ class Distiller:
                 log.flush()
             if alarm and self.progress:
                 tqdm.write(f"iteration {n}: {alarm}")
-            if cfg.logging.sample_every and n % cfg.logging.sample_every == 0 and self.rank == 0:
-                save_sample_grid(self, self.run_dir / "samples" / f"step-{n:08d}.png")
+            if cfg.logging.sample_every and n % cfg.logging.sample_every == 0:  # every rank: FSDP2 gathers
+                save_sample_grid(self, self.run_dir / "samples" / f"step-{n:08d}.png", write=self.rank == 0)
             if n % cfg.checkpoint.every == 0 or n == total:
                 self.save()
             bar.update(1)
