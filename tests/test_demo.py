@@ -5,7 +5,8 @@ from senseflow.cli import main
 
 def test_demo_distils_and_reports(tiny_teacher_dir, tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--per-split", "2", f"model.teacher={tiny_teacher_dir}"]
+    args = ["demo", "--out", str(out), "--per-split", "2", "--paired-per-split", "3"]
+    args += [f"model.teacher={tiny_teacher_dir}"]
     args += ["schedule.iterations=2", "data.batch_size=2", "logging.sample_every=null"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
@@ -16,8 +17,11 @@ def test_demo_distils_and_reports(tiny_teacher_dir, tmp_path):
         "FID-T reference set",
     ):
         assert row in report
+    assert "exact McNemar p" in report and "N = 9" in report
     results = json.loads((out / "results.json").read_text())
     assert len(results["reports"]) == 6
+    paired = results["paired_accuracy"]
+    assert paired["n"] == 9 and paired["a_only"] + paired["b_only"] <= 9 and 0 <= paired["p_value"] <= 1
     assert (out / "grid.png").is_file() and (out / "train" / "checkpoints" / "step-00000002").is_dir()
     # A second call resumes the finished run instead of training again.
     assert main(args) == 0

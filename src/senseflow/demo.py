@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from senseflow.config import load_config
+from senseflow.metrics.paired import PairedTest, mcnemar_exact
 from senseflow.student import Student
-from senseflow.toy.evaluator import to_uint8
+from senseflow.toy.evaluator import score_image, to_uint8
 from senseflow.toy.pipeline import ToyTeacher
-from senseflow.toy.quality import REFERENCE_SET_LABEL, Comparison
+from senseflow.toy.quality import REFERENCE_SET_LABEL, Comparison, Generator, PromptSet
 from senseflow.toy.report import SPLITS, markdown_table, teacher_generator
 from senseflow.train.trainer import Distiller
 from senseflow.viz import labelled_rows, save_image
@@ -28,13 +29,34 @@ from senseflow.viz import labelled_rows, save_image
 FEW_STEPS = 4
 GRID_COLUMNS = 10
 DEFAULT_RECIPE = "configs/toy/distill.yaml"
+PAIRED_SEED_BASE = 2_000_000  # seeds of the paired accuracy set: disjoint from the table's
+BATCH = 64
 
 
 def _student_generator(student: Student, mode: str):
     return lambda prompts, seeds: to_uint8(student.sample(prompts, seeds, mode=mode))
 
 
-def run_demo(out_dir: Path, recipe: str, per_split: int, seed: int, overrides: list[str]) -> Path:
+def _verdicts(generate: Generator, prompt_set: PromptSet) -> np.ndarray:
+    """Per image: is it compositionally right (colour, shape, size and relation)?"""
+    out = []
+    for i in range(0, len(prompt_set.prompts), BATCH):
+        prompts = prompt_set.prompts[i : i + BATCH]
+        images = generate(prompts, prompt_set.seeds[i : i + BATCH])
+        out += [score_image(img, p).all for img, p in zip(images, prompts, strict=True)]
+    return np.asarray(out)
+
+
+def paired_accuracy(student: Generator, baseline: Generator, per_split: int, seed: int) -> PairedTest:
+    """Student vs the few-step teacher on a larger prompt set than the table's (both are cheap), with
+    the same prompt and seed for both, so the test is paired (exact McNemar)."""
+    prompt_set = PromptSet.sample(SPLITS, per_split, seed=seed + 1, seed_base=PAIRED_SEED_BASE)
+    return mcnemar_exact(_verdicts(student, prompt_set), _verdicts(baseline, prompt_set))
+
+
+def run_demo(
+    out_dir: Path, recipe: str, per_split: int, seed: int, overrides: list[str], paired_per_split: int = 300
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(recipe, [f"output_dir={out_dir / 'train'}", "checkpoint.resume=latest", *overrides])
     start = time.perf_counter()
@@ -47,9 +69,8 @@ def run_demo(out_dir: Path, recipe: str, per_split: int, seed: int, overrides: l
     comp = Comparison(SPLITS, per_split, seed=seed)
     ref_name = f"teacher {ref_steps} steps, CFG {guidance}"
     comp.add_reference_rows(lambda offset: teacher_generator(teacher, ref_steps, guidance, offset), ref_name)
-    baseline = comp.add(
-        f"teacher {FEW_STEPS} steps, CFG {guidance}", teacher_generator(teacher, FEW_STEPS, guidance)
-    )
+    few_step_teacher = teacher_generator(teacher, FEW_STEPS, guidance)
+    baseline = comp.add(f"teacher {FEW_STEPS} steps, CFG {guidance}", few_step_teacher)
     renoise = comp.add("student 4 steps (renoise)", _student_generator(student, "renoise"))
     comp.add("student 4 steps (euler)", _student_generator(student, "euler"))
 
@@ -57,14 +78,24 @@ def run_demo(out_dir: Path, recipe: str, per_split: int, seed: int, overrides: l
     cols = np.linspace(per_split, n - 1, GRID_COLUMNS).astype(int)
     names = [k for k in comp.images if REFERENCE_SET_LABEL not in k]
     grid = save_image(labelled_rows([comp.images[k][cols] for k in names], names), out_dir / "grid.png")
-    (out_dir / "results.json").write_text(
-        json.dumps({"train_minutes": train_minutes, "recipe": recipe, "reports": comp.payload()}, indent=2)
-    )
+    paired = paired_accuracy(_student_generator(student, "renoise"), few_step_teacher, paired_per_split, seed)
+    payload = {
+        "train_minutes": train_minutes,
+        "recipe": recipe,
+        "reports": comp.payload(),
+        "paired_accuracy": {
+            "student": "student 4 steps (renoise)",
+            "baseline": baseline.name,
+            **vars(paired),
+        },
+    }
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
     margin_fid = baseline.fid["teacher"] - renoise.fid["teacher"]
     margin_acc = renoise.accuracy["all"]["overall"]["all"] - baseline.accuracy["all"]["overall"]["all"]
     listing = "\n".join(f"{i + 1}. {comp.prompt_set.prompts[j]}" for i, j in enumerate(cols))
     student_entry = f"{{name: student, kind: student, path: {out_dir / 'train'}}}"
     eval_command = f"senseflow eval run configs/eval/toy.yaml 'students=[{student_entry}]'"
+    paired_text = paired.summary("student", f"{FEW_STEPS}-step teacher")
     report = out_dir / "report.md"
     report.write_text(
         f"""# senseflow demo: shapes world
@@ -78,6 +109,9 @@ seed set ("{REFERENCE_SET_LABEL}"); the teacher's own {ref_steps}-step row gives
 
 Student (renoise) vs teacher at {FEW_STEPS} Euler steps: FID-T lower by {margin_fid:.2f}, compositional
 accuracy higher by {100 * margin_acc:.1f} points.
+
+Compositional accuracy, paired, on {paired.n} further prompts ({paired_per_split} per split, seeds from
+{PAIRED_SEED_BASE}; the same prompt and seed for both): {paired_text}.
 
 ![grid]({grid.name})
 
@@ -102,5 +136,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="distillation recipe")
     p.add_argument("--per-split", type=int, default=64, help="evaluation prompts per split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--paired-per-split",
+        type=int,
+        default=300,
+        help="prompts per split of the paired accuracy test (student vs the 4-step teacher)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. schedule.iterations=200")
-    p.set_defaults(func=lambda a: run_demo(Path(a.out), a.recipe, a.per_split, a.seed, a.overrides))
+    p.set_defaults(
+        func=lambda a: run_demo(Path(a.out), a.recipe, a.per_split, a.seed, a.overrides, a.paired_per_split)
+    )
