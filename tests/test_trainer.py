@@ -315,3 +315,29 @@ def test_float16_training_is_refused(tiny_teacher_dir, tmp_path):
     cfg = _cfg(tiny_teacher_dir, tmp_path, "precision.param_dtype=fp16", "precision.autocast_dtype=fp16")
     with pytest.raises(ValueError, match=r"precision.param_dtype=fp16, precision.autocast_dtype=fp16.*bf16"):
         Distiller(cfg, progress=False)
+
+
+def test_tensorboard_mirrors_the_jsonl_log(tiny_teacher_dir, tmp_path):
+    """logging.tensorboard writes every logged scalar at its iteration, the same values as log.jsonl."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=3", "logging.tensorboard=true")
+    Distiller(cfg, progress=False).run()
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for key in ("loss_fake", "loss_disc", "image_std"):
+        logged = [(line["iteration"] + 1, line[key]) for line in lines]
+        board = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in board] == [s for s, _ in logged]
+        assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
+    assert "loss_dmd" in events.Tags()["scalars"]
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(tiny_teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were missing
+    cfg = _cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=1", "logging.tensorboard=true")
+    with pytest.raises(ImportError, match=r"logging.tensorboard: true needs the tensorboard package"):
+        Distiller(cfg, progress=False).run()

@@ -9,7 +9,6 @@ iteration comes from ``draws.draw_step`` so that resume and world size change no
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from senseflow.train import checkpoint as ckpt
 from senseflow.train.data import build_data
 from senseflow.train.draws import DiscDraws, StepDraws, draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
+from senseflow.train.logbook import Logbook
 from senseflow.train.samples import save_sample_grid
 from senseflow.train.sharding import reshard
 
@@ -436,8 +436,7 @@ class Distiller:
         if self.rank == 0:
             ckpt.clean_partial(self.run_dir / "checkpoints")
             save_resolved(cfg, self.run_dir / "config.yaml")
-        log_path = self.run_dir / "log.jsonl"
-        log = log_path.open("a") if self.rank == 0 else None
+        log = Logbook(self.run_dir, cfg.logging.tensorboard) if self.rank == 0 else None
         total = cfg.schedule.iterations
         bar = tqdm(total=total, initial=self.iteration, desc="distill", disable=not self.progress)
         logs: dict[str, float] = {}
@@ -449,8 +448,7 @@ class Distiller:
             if log is not None and (logs["iteration"] % cfg.logging.every == 0 or n == total or alarm):
                 logs["seconds"] = round(time.perf_counter() - start, 3)
                 logs["alarm"] = alarm
-                log.write(json.dumps(logs) + "\n")
-                log.flush()
+                log.write(logs, step=n)
             if alarm and self.progress:
                 tqdm.write(f"iteration {n}: {alarm}")
             if cfg.logging.sample_every and n % cfg.logging.sample_every == 0:  # every rank: FSDP2 gathers
