@@ -167,3 +167,25 @@ def test_official_sdxl_variant_is_scaled_x0_regression() -> None:
     torch.testing.assert_close(res.x_direct - res.x_target, coded, atol=1e-5, rtol=1e-5)
     scale = sched.alpha_bar(t_next).sqrt().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(res.x_direct - res.x_target, scale * (x0_g - x0_t))
+
+
+def test_segment_ends_choose_the_end_of_the_last_segment() -> None:
+    """``zero`` ends at the clean level; ``table_index_0`` at the training grid's first entry, which for a
+    shift-3 flow is the smallest σ of diffusers' training table (3·0.001 / (1 + 2·0.001))."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from senseflow.method import segment_ends
+
+    flow = FlowParameterisation(FlowSchedule(shift=3.0), grid="table")
+    anchors = torch.tensor([1.0, 0.6])
+    assert segment_ends(anchors, flow, "zero").tolist() == pytest.approx([1.0, 0.6, 0.0])
+    end = segment_ends(anchors, flow, "table_index_0")[-1]
+    diffusers_min = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).sigmas.min()
+    assert float(end) == pytest.approx(float(diffusers_min), rel=1e-6)
+    assert float(end) == pytest.approx(0.003 / 1.002, rel=1e-6)
+    ddpm = DDPMParameterisation(DDPMSchedule())
+    steps = torch.tensor([999, 499])
+    assert segment_ends(steps, ddpm, "zero").tolist() == [999, 499, -1]
+    assert segment_ends(steps, ddpm, "table_index_0").tolist() == [999, 499, 0]
+    with pytest.raises(ValueError, match=r"method\.isg\.last_segment_end"):
+        segment_ends(anchors, flow, "one")

@@ -35,3 +35,17 @@ def test_generator_and_fake_start_as_teacher_copies(tiny_teacher_dir):
         assert not t.requires_grad and g.requires_grad and f.requires_grad
         assert g.data_ptr() != t.data_ptr() and f.data_ptr() != g.data_ptr()
     assert adapter.anchors.sigmas == (1.0, 0.5)
+
+
+def test_toy_family_refuses_a_hub_revision(tiny_teacher_dir, tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from senseflow.config import load_config
+    from senseflow.models import build_adapter
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "toy" / "distill.yaml"
+    cfg = load_config(recipe, [f"model.teacher={tiny_teacher_dir}", "model.revision=main"])
+    with pytest.raises(ValueError, match=r"model\.revision: the toy teacher is a local folder"):
+        build_adapter(cfg)

@@ -25,7 +25,15 @@ from senseflow.method.gan import (
     time_weight,
 )
 from senseflow.method.ida import check_ida_compatible, ida_update_
-from senseflow.method.isg import ISGTargets, OutputFn, isg_loss, isg_targets, isg_x0_targets, sample_t_mid
+from senseflow.method.isg import (
+    ISGTargets,
+    OutputFn,
+    isg_loss,
+    isg_targets,
+    isg_x0_targets,
+    sample_t_mid,
+    segment_ends,
+)
 
 __all__ = [
     "DMDOutput",
@@ -53,6 +61,7 @@ __all__ = [
     "nonsaturating_g_loss",
     "sample_levels",
     "sample_t_mid",
+    "segment_ends",
     "student_sample",
     "time_weight",
 ]

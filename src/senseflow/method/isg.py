@@ -31,6 +31,23 @@ class ISGTargets(NamedTuple):
     x_mid: Tensor | None
 
 
+def segment_ends(
+    anchor_levels: Tensor, param: Parameterisation, last_end: Literal["zero", "table_index_0"] = "zero"
+) -> Tensor:
+    """Levels a_0 .. a_{K-1} and the end of the last segment, [K + 1].
+
+    ``zero``: the clean level (σ = 0, t = 0); ``table_index_0``: the first entry of the training grid
+    (σ = 1/1000 for an unshifted flow table, ᾱ_0 for DDPM), where some code ends the last segment.
+    """
+    if last_end == "zero":
+        end = param.clean_level(1, anchor_levels.device)
+    elif last_end == "table_index_0":
+        end = param.level_from_grid(torch.zeros(1, dtype=torch.long, device=anchor_levels.device))
+    else:
+        raise ValueError(f"method.isg.last_segment_end: expected 'zero' or 'table_index_0', got {last_end!r}")
+    return torch.cat([anchor_levels, end.to(anchor_levels)])
+
+
 def sample_t_mid(
     level_start: Tensor,
     level_end: Tensor,

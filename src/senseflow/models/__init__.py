@@ -30,6 +30,10 @@ def build_adapter(cfg: DistillConfig) -> FamilyAdapter:
 def _toy(cfg: DistillConfig) -> FamilyAdapter:
     from senseflow.models.toy import ToyAdapter
 
+    if cfg.model.revision is not None:
+        raise ValueError(
+            "model.revision: the toy teacher is a local folder and has no hub revision; remove it"
+        )
     return ToyAdapter(cfg.model.teacher, cfg.model.anchors, cfg.model.cfg_convention)
 
 

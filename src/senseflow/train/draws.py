@@ -15,7 +15,14 @@ from torch import Tensor
 
 from senseflow.config.schema import MethodConfig
 from senseflow.core.parameterisation import Parameterisation
-from senseflow.method import DiffAugParams, draw_diffaug_params, draw_guidance, sample_levels, sample_t_mid
+from senseflow.method import (
+    DiffAugParams,
+    draw_diffaug_params,
+    draw_guidance,
+    sample_levels,
+    sample_t_mid,
+    segment_ends,
+)
 
 
 @dataclass
@@ -139,7 +146,7 @@ def draw_step(
     dmd_guidance = draw_guidance(method.dmd.teacher_guidance, G, generator=g)
     isg_mid_grid = isg_guidance = None
     if method.isg.weight > 0:
-        levels = torch.cat([anchor_levels, param.clean_level(1)])
+        levels = segment_ends(anchor_levels, param, method.isg.last_segment_end)
         isg_mid_grid = sample_t_mid(
             levels[anchor_index], levels[anchor_index + 1], method.isg.margin, param, generator=g
         )

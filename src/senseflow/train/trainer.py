@@ -35,6 +35,7 @@ from senseflow.method import (
     isg_x0_targets,
     nonsaturating_d_loss,
     nonsaturating_g_loss,
+    segment_ends,
     time_weight,
 )
 from senseflow.models import build_adapter
@@ -134,8 +135,8 @@ class Distiller:
             for k, opt in self.optimizers.items()
         }
         self.anchor_levels = self.param.anchor_levels(self.adapter.anchors).to(self.device)
-        # a_0 .. a_{K-1}, clean
-        self.levels = torch.cat([self.anchor_levels, self.param.clean_level(1).to(self.device)])
+        # a_0 .. a_{K-1} and the end of the last segment (clean, or the grid's first entry)
+        self.levels = segment_ends(self.anchor_levels, self.param, cfg.method.isg.last_segment_end)
         self.batch = cfg.data.batch_size
         self.data = build_data(cfg, global_batch=self.batch * self.world)
         self.guard = NonFiniteGuard(cfg.health.nan_patience)
