@@ -1,5 +1,6 @@
 """``senseflow toy ablate`` end to end on the tiny teacher: report files, finite numbers, resume."""
 
+import hashlib
 import json
 import math
 
@@ -59,6 +60,9 @@ def test_ablate_writes_report_and_resumes(tiny_teacher_dir, tmp_path, capsys):
     assert payload["summary"]["vanilla"]["time_vs_vanilla"] == 1.0
     assert "senseflow toy ablate --seeds 0 --variants vanilla full" in md
     assert len(payload["reference"]) == 3 and "FID-T floor" in md
+    weights = tiny_teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert payload["teacher_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert f"`{payload['teacher_sha256'][:16]}`" in md  # named in the intro
 
     final = tmp_path / "runs" / "full" / "seed0" / "checkpoints" / "step-00000002" / "meta.json"
     stamp = final.stat().st_mtime_ns

@@ -28,10 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from senseflow.jsonfile import write_json
+from senseflow.metrics.weights import sha256_file
 from senseflow.toy.ablate_plots import CURVES, _grid, _mean_over_seeds, plot_curves
 from senseflow.toy.ablate_report import markdown, summarise
+from senseflow.toy.pipeline import resolve_teacher_folder
 
 SPLITS = ("train", "test", "heldout")
+
+
+def _teacher_sha256(folder: str | None) -> str:
+    """sha256 of the teacher's transformer weights: which teacher the numbers belong to."""
+    weights = resolve_teacher_folder(folder) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return sha256_file(weights)
 
 
 @dataclass(frozen=True)
@@ -307,6 +315,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "command": command_line(args),
         "recipe": str(recipe),
         "teacher": str(teacher_folder) if teacher_folder else "shipped toy teacher",
+        "teacher_sha256": _teacher_sha256(teacher_folder),
         "iterations": base_cfg.schedule.iterations,
         "batch_size": base_cfg.data.batch_size,
         "seeds": list(args.seeds),

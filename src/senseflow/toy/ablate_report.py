@@ -44,6 +44,11 @@ def summarise(records: list[dict], variants: list[str]) -> dict[str, dict]:
     return out
 
 
+def _sha_note(payload: dict) -> str:
+    sha = payload.get("teacher_sha256")
+    return f" (transformer sha256 `{sha[:16]}`)" if sha else ""
+
+
 def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
     from senseflow.toy.ablate import SAMPLER, VARIANTS
 
@@ -82,7 +87,8 @@ def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
     intro = textwrap.fill(
         f"Each row is `{payload['recipe']}` with the listed overrides, distilled for "
         f"{payload['iterations']} iterations at batch {payload['batch_size']} from the teacher "
-        f"`{payload['teacher']}`, with seeds {', '.join(map(str, seeds))} (mean ± sample std over seeds). "
+        f"`{payload['teacher']}`{_sha_note(payload)}, with seeds {', '.join(map(str, seeds))} "
+        "(mean ± sample std over seeds). "
         f"The students are sampled with the 4-step `{SAMPLER}` sampler on {n} prompts "
         f"({payload['per_split']} each from the train, test and held-out splits; one image per prompt, "
         "seed = prompt index). FID-T is the Fréchet distance (toy features, `senseflow.toy.features`) "
