@@ -116,15 +116,24 @@ class ProjectedDiscriminator(nn.Module):
 
 @contextmanager
 def _weights_frozen(module: nn.Module) -> Iterator[None]:
-    """Parameters of ``module`` leave the autograd graph (no ``.grad``), activations stay in it."""
+    """Parameters of ``module`` leave the autograd graph (no ``.grad``), activations stay in it.
+
+    Gradient checkpointing is paused meanwhile: its recomputation runs in the backward pass, after the
+    weights have been unfrozen, and would not match the frozen forward.
+    """
     flags = [(p, p.requires_grad) for p in module.parameters()]
+    checkpointed = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for p, _ in flags:
         p.requires_grad_(False)
+    for m in checkpointed:
+        m.gradient_checkpointing = False
     try:
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+        for m in checkpointed:
+            m.gradient_checkpointing = True
 
 
 def _feature_blocks(net: nn.Module) -> nn.ModuleList:
