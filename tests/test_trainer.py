@@ -341,3 +341,30 @@ def test_tensorboard_without_the_package_is_one_clear_error(tiny_teacher_dir, tm
     cfg = _cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=1", "logging.tensorboard=true")
     with pytest.raises(ImportError, match=r"logging.tensorboard: true needs the tensorboard package"):
         Distiller(cfg, progress=False).run()
+
+
+def test_fsdp2_with_bf16_checkpointing_and_dmd2_head_runs(tiny_teacher_dir, tmp_path):
+    """The official recipes' combination (sharding, bf16 storage and autocast, gradient checkpointing)
+    with the DMD2 head, whose frozen-weight pass must not clash with checkpointing."""
+    import json
+    import math
+
+    bf16 = ["precision.param_dtype=bf16", "precision.teacher_dtype=bf16", "precision.autocast_dtype=bf16"]
+    _train_cli(
+        f"model.teacher={tiny_teacher_dir}",
+        "schedule.iterations=2",
+        "logging.sample_every=null",
+        "checkpoint.every=2",
+        "data.batch_size=1",
+        "parallel.strategy=fsdp",
+        "parallel.gradient_checkpointing=true",
+        *bf16,
+        *DMD2_HEAD,
+        f"output_dir={tmp_path}",
+        ranks=2,
+    )
+    weights = _weights(tmp_path, 2)
+    assert {t.dtype for t in weights["generator"].values()} == {torch.bfloat16}
+    for line in (tmp_path / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert all(math.isfinite(record[k]) for k in ("loss_fake", "loss_disc") if k in record)
