@@ -244,6 +244,15 @@ def measure(dist: Distiller, warmup: int, iterations: int) -> Laps:
     return lap
 
 
+def _peak_memory(dist: Distiller) -> str:
+    """Peak GPU memory allocated by torch, or the process's peak resident set on the CPU."""
+    if dist.device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(dist.device) / 2**30:.2f} GiB (GPU, allocated)"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
+
+
 def print_report(dist: Distiller, lap: Laps, args: argparse.Namespace) -> None:
     cfg, ratio = dist.cfg, dist.cfg.method.ttur_ratio
     params = sum(p.numel() for p in dist.generator.parameters())
@@ -253,7 +262,9 @@ def print_report(dist: Distiller, lap: Laps, args: argparse.Namespace) -> None:
         f"recipe {args.config}\nteacher {teacher} ({params:,} parameters), batch {dist.batch}, "
         f"ttur_ratio {ratio}, ida {m.ida.enabled}, isg weight {m.isg.weight}, gan {m.gan.type}\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); mean of {args.iterations} "
-        f"repeats after {args.warmup} warm-up"
+        f"repeats after {args.warmup} warm-up\n"
+        f"device {dist.device}, precision {cfg.precision.model_dump()}, "
+        f"gradient checkpointing {cfg.parallel.gradient_checkpointing}; peak memory {_peak_memory(dist)}"
     )
     turns = [t for t in ("G", "other") if lap.ms(t, STEP) is not None]
     width = max(len(n) for n in PASSES)
