@@ -100,7 +100,16 @@ def prepare(dist: Distiller, n: int, lap: Laps) -> Batch:
         images, prompts = images[: dist.batch].to(dist.device), prompts[: dist.batch]
         x_real = dist.adapter.encode_images(images)
         d = draw_step(
-            cfg.method, p, dist.anchor_levels, tuple(x_real.shape[1:]), dist.batch, dist.batch, cfg.seed, n
+            cfg.method,
+            p,
+            dist.anchor_levels,
+            tuple(x_real.shape[1:]),
+            dist.batch,
+            dist.batch,
+            cfg.seed,
+            n,
+            disc_shape=dist._disc_shape(images, x_real),
+            disc_noised=dist.discriminator is not None and dist.discriminator.noised,
         ).to(dist.device)
         cond = dist.adapter.encode_prompts(prompts)
     with lap("input (backward simulation)"):
@@ -133,7 +142,9 @@ def generator_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
     if dist.discriminator is not None and m.gan.weight:
         x0_leaf = x0.clone().requires_grad_(True)
         with lap("GAN generator loss (D forward+backward to x0)"):
-            logits = dist._discriminate(dist.discriminator, dist._decode(x0_leaf), cond, None)
+            pixels = dist.discriminator.input_space == "pixels"
+            x_d = dist._decode(x0_leaf) if pixels else x0_leaf
+            logits = dist._discriminate(dist.discriminator, x_d, cond, d.disc_gen)
             g_loss = hinge_g_loss if m.gan.type != "dmd2_head" else nonsaturating_g_loss
             g_loss(logits, dist._gan_weights(b.level_j)).backward()
     if m.isg.weight > 0:
@@ -162,15 +173,23 @@ def other_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
 
 def shared_passes(dist: Distiller, b: Batch, x0: torch.Tensor, lap: Laps) -> None:
     """The fake-score and discriminator updates every iteration makes."""
-    p, d = dist.param, b.draws
-    with lap("fake-score training step (fwd+bwd+opt)"):
+    p, d, disc = dist.param, b.draws, dist.discriminator
+    shared = disc is not None and disc.shares_fake_update
+    with lap(FAKE_AND_D if shared else "fake-score training step (fwd+bwd+opt)"):
         x_t = p.add_noise(x0, d.fake_noise, d.fake_level)
         out = dist._predict(dist.fake_ddp, x_t, d.fake_level, b.cond)
         loss = fake_score_loss(p, out, x0, d.fake_noise, d.fake_level)
-        dist._step("fake_score", loss, dist.fake_score.parameters())
-    if dist.discriminator is not None:
+        if shared:  # the DMD2 head: one backward of fake loss + D loss, as the trainer does
+            with disc.fake_in_graph():
+                d_loss, _ = dist._discriminator_loss(b.x_real, x0, b.cond, b.level_j, d)
+            dist._joint_step(("fake_score", "discriminator"), loss + d_loss)
+        else:
+            dist._step("fake_score", loss, dist.fake_score.parameters())
+    if disc is not None and not shared:
+        pixels = disc.input_space == "pixels"
+        real, fake = (b.images, dist._decode(x0)) if pixels else (b.x_real, x0)
         with lap("discriminator step"):
-            dist._discriminator_step(b.images, dist._decode(x0), b.cond, b.level_j, {})
+            dist._discriminator_step(real, fake, b.cond, b.level_j, {}, d)
 
 
 # Every pass in table order; a turn's sum is over the passes measured for it (the step excluded).
@@ -187,7 +206,9 @@ PASSES = (
     "IDA update",
     "fake-score training step (fwd+bwd+opt)",
     "discriminator step",
+    "fake-score + discriminator joint step (DMD2 head)",
 )
+FAKE_AND_D = "fake-score + discriminator joint step (DMD2 head)"
 STEP = "train_step (measured)"
 IDA = "IDA update"
 ISG = "ISG (teacher CFG step + generator no-grad step)"

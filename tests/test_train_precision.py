@@ -142,6 +142,10 @@ def test_device_resolution(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda", 1)  # this rank's GPU
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun a fixed index would stack every rank on one GPU
+    with pytest.raises(ValueError, match=r"'cuda:0' would put every rank on one GPU"):
+        resolve_device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
 
 
 def test_unknown_device_in_a_recipe_is_one_clear_error(tiny_teacher_dir, tmp_path):

@@ -174,7 +174,11 @@ def test_ddp_two_ranks_match_one_process(tiny_teacher_dir, tmp_path, gan):
     _assert_close_weights(_weights(tmp_path / "one", 6), _weights(tmp_path / "two", 6))
 
 
-@pytest.mark.parametrize("gan", [[], DMD2_HEAD_SHARED], ids=["toy", "dmd2_head_trains_fake"])
+@pytest.mark.parametrize(
+    "gan",
+    [[], DMD2_HEAD_SHARED, [*DMD2_HEAD_SHARED, "method.gan.head_trains_fake=false"]],
+    ids=["toy", "dmd2_head_trains_fake", "dmd2_head_alone"],
+)
 def test_fsdp2_matches_one_process_and_its_checkpoints_resume_anywhere(tiny_teacher_dir, tmp_path, gan):
     """FSDP2 (fully_shard per transformer block, then the root) on 2 ranks x batch 1, stopped at 3 and
     resumed to 6, equals one process x batch 2; its whole-weight checkpoint at 3 also continues in one
@@ -329,7 +333,7 @@ def test_tensorboard_mirrors_the_jsonl_log(tiny_teacher_dir, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     for key in ("loss_fake", "loss_disc", "image_std"):
-        logged = [(line["iteration"] + 1, line[key]) for line in lines]
+        logged = [(line["iteration"], line[key]) for line in lines]
         board = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in board] == [s for s, _ in logged]
         assert [v for _, v in board] == pytest.approx([v for _, v in logged], rel=1e-6)
@@ -368,3 +372,21 @@ def test_fsdp2_with_bf16_checkpointing_and_dmd2_head_runs(tiny_teacher_dir, tmp_
     for line in (tmp_path / "log.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert all(math.isfinite(record[k]) for k in ("loss_fake", "loss_disc") if k in record)
+
+
+def test_checkpoints_with_index_keyed_optimiser_states_still_resume(tiny_teacher_dir, tmp_path):
+    """Checkpoints of earlier versions hold ``optimizer.state_dict()`` (keyed by parameter index); an
+    unsharded run resumes them to the same weights as one that never stopped."""
+    straight = tmp_path / "straight"
+    Distiller(_cfg(tiny_teacher_dir, straight, "schedule.iterations=6"), progress=False).run()
+    split = tmp_path / "split"
+    first = Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=3"), progress=False)
+    first.run()
+    state_file = split / "checkpoints" / "step-00000003" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["optimizers"] = {k: o.state_dict() for k, o in first.optimizers.items()}
+    assert isinstance(state["optimizers"]["generator"]["param_groups"][0]["params"][0], int)
+    torch.save(state, state_file)
+    cfg = _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest")
+    Distiller(cfg, progress=False).run()
+    _assert_identical(_weights(straight, 6), _weights(split, 6))

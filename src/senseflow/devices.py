@@ -43,6 +43,11 @@ def resolve_device(spec: str, field: str = "parallel.device") -> torch.device:
             raise ValueError(f"{field}: {spec!r} was asked for but CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                f"{field}: {spec!r} would put every rank on one GPU; under torchrun use auto or cuda "
+                "(each rank takes its LOCAL_RANK)"
+            )
     elif device.type != "cpu":
         raise ValueError(f"{field}: {spec!r} is not supported (expected auto, cpu, cuda or cuda:N)")
     return device
@@ -76,3 +81,14 @@ def set_tf32(enabled: bool) -> None:
     """TF32 matmuls and convolutions on Ampere and later GPUs (no effect on the CPU)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+def reshard(*modules: nn.Module) -> None:
+    """Free the gathered weights FSDP2 may keep after a forward (the root's stay gathered until a
+    backward), so that parameter-wise updates (IDA) and ``requires_grad`` changes act on each rank's
+    own shard and the next forward gathers afresh. No-op for modules FSDP2 does not shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -93,7 +93,11 @@ class PrecisionConfig(_Section):
 
     param_dtype: Dtype = Field(
         default="fp32",
-        description="Storage dtype of G and the fake score: fp32 (SDXL, SD3.5) or bf16 (FLUX) (§9).",
+        description=(
+            "Storage dtype of G and the fake score: fp32 (SDXL, SD3.5) or bf16 (FLUX) (§9). bf16 means no "
+            "float32 master weights (as the FLUX code): updates below bf16's resolution are lost. "
+            "Discriminator heads stay float32."
+        ),
     )
     autocast_dtype: Dtype = Field(
         default="bf16", description="Autocast compute dtype (fp32 = no autocast); bf16 in the code (§9)."
@@ -115,7 +119,11 @@ class ParallelConfig(_Section):
         ),
     )
     gradient_checkpointing: bool = Field(
-        default=False, description="Gradient checkpointing on G, fake, real and VAE; on in the code (§9)."
+        default=False,
+        description=(
+            "Gradient checkpointing on G, fake and real; the code also checkpoints the VAE, which this "
+            "version does not (the toy family has none) (§9)."
+        ),
     )
     device: str = Field(
         default="auto",

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from senseflow.core.parameterisation import Parameterisation
 from senseflow.core.timesteps import Anchors
-from senseflow.devices import module_dtype
+from senseflow.devices import module_device, module_dtype
 from senseflow.sampling import CfgConvention, combine_guidance
 
 Role = Literal["teacher", "generator", "fake_score", "discriminator"]
@@ -177,11 +177,14 @@ class FamilyAdapter(ABC):
         if strategy == "none" or not torch.distributed.is_initialized():
             return module
         if strategy == "fsdp" and role != "discriminator":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            world = torch.distributed.get_world_size()
+            mesh = init_device_mesh(module_device(module).type, (world,))  # the device the module is on
             for unit in self.shard_units(module):
-                fully_shard(unit)
-            fully_shard(module)
+                fully_shard(unit, mesh=mesh)
+            fully_shard(module, mesh=mesh)
             return module
         if strategy in ("ddp", "fsdp"):
             if role == "teacher":  # frozen: nothing to synchronise

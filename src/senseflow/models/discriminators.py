@@ -119,19 +119,23 @@ def _weights_frozen(module: nn.Module) -> Iterator[None]:
     """Parameters of ``module`` leave the autograd graph (no ``.grad``), activations stay in it.
 
     Gradient checkpointing is paused meanwhile: its recomputation runs in the backward pass, after the
-    weights have been unfrozen, and would not match the frozen forward.
+    weights have been unfrozen, and would not match the frozen forward. FSDP2 swaps a module's
+    registered parameters between sharded and gathered tensors (and keeps the root's gathered after a
+    forward), so the flags are restored both on the tensors frozen on entry and on those registered
+    on exit.
     """
-    flags = [(p, p.requires_grad) for p in module.parameters()]
+    entry = list(module.named_parameters())
+    flags = {name: p.requires_grad for name, p in entry}
     checkpointed = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for p, _ in flags:
+    for _, p in entry:
         p.requires_grad_(False)
     for m in checkpointed:
         m.gradient_checkpointing = False
     try:
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for name, p in [*entry, *module.named_parameters()]:
+            p.requires_grad_(flags[name])
         for m in checkpointed:
             m.gradient_checkpointing = True
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 TMP_SUFFIX = ".partial"
@@ -68,7 +69,21 @@ def gather_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 
 def load_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Restore a state from ``gather_optimizer`` into a plain, DDP or FSDP2 module's optimiser."""
+    """Restore a state from ``gather_optimizer`` into a plain, DDP or FSDP2 module's optimiser.
+
+    States keyed by parameter index (``optimizer.state_dict()``, as checkpoints of earlier versions
+    hold) still load into an unsharded optimiser.
+    """
+    groups = state.get("param_groups", [])
+    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+        if any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError(
+                "this checkpoint's optimiser state is keyed by parameter index (an earlier senseflow "
+                "version) and cannot be loaded into a sharded run; resume it once with "
+                "parallel.strategy none or ddp, which rewrites it"
+            )
+        optimizer.load_state_dict(state)
+        return
     set_optimizer_state_dict(module, optimizer, state, options=_SCATTER)
 
 

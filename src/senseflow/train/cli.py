@@ -9,15 +9,17 @@ import torch
 import torch.distributed as dist
 
 from senseflow.config import load_config
+from senseflow.devices import resolve_device
 
 
-def init_distributed() -> None:
-    """Join the process group torchrun describes (gloo on CPU, nccl on GPU); no-op otherwise."""
+def init_distributed(device_spec: str = "auto") -> None:
+    """Join the process group torchrun describes, with the backend of this rank's device (nccl for a
+    GPU, gloo for the CPU); no-op for one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = resolve_device(device_spec)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -27,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         overrides.append("checkpoint.resume=latest")
     cfg = load_config(args.recipe, overrides)
-    init_distributed()
+    init_distributed(cfg.parallel.device)
     try:
         logs = Distiller(cfg, progress=not args.quiet).run()
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -135,6 +135,7 @@ def draw_step(
     (``disc_noised``, the DMD2 head), a level uniform over the whole grid and a noise.
     """
     g = step_generator(seed, iteration)
+    anchor_levels = anchor_levels.cpu()  # draws are made on the CPU (the generator is a CPU one)
     G, K = global_batch, anchor_levels.shape[0]
     group = per_rank_batch if method.randomness == "per_rank" else 1
     anchor_index = _per_group(torch.randint(0, K, (G,), generator=g), group)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from senseflow.config.loader import dump_config, save_resolved
 from senseflow.config.schema import DistillConfig, OptimizerConfig
-from senseflow.devices import autocast, resolve_device, set_tf32, to_dtype
+from senseflow.devices import autocast, reshard, resolve_device, set_tf32, to_dtype
 from senseflow.method import (
     as_x0_fn,
     backward_simulate,
@@ -47,7 +47,6 @@ from senseflow.train.draws import DiscDraws, StepDraws, draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
 from senseflow.train.logbook import Logbook
 from senseflow.train.samples import save_sample_grid
-from senseflow.train.sharding import reshard
 
 
 def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -449,7 +448,7 @@ class Distiller:
             if log is not None and (logs["iteration"] % cfg.logging.every == 0 or n == total or alarm):
                 logs["seconds"] = round(time.perf_counter() - start, 3)
                 logs["alarm"] = alarm
-                log.write(logs, step=n)
+                log.write(logs, step=int(logs["iteration"]))
             if alarm and self.progress:
                 tqdm.write(f"iteration {n}: {alarm}")
             if cfg.logging.sample_every and n % cfg.logging.sample_every == 0:  # every rank: FSDP2 gathers
