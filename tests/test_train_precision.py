@@ -2,33 +2,20 @@
 parallel.device, parallel.gradient_checkpointing), checked on the CPU against float32 runs."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from senseflow.config import ConfigError, load_config
+from senseflow.config import ConfigError
 from senseflow.devices import resolve_device
 from senseflow.student import Student
 from senseflow.train.trainer import Distiller
-
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "toy" / "distill.yaml"
+from tests.trainer_helpers import toy_cfg
 
 
 def _cfg(teacher, out, *extra):
-    return load_config(
-        RECIPE,
-        [
-            f"model.teacher={teacher}",
-            f"output_dir={out}",
-            "data.batch_size=2",
-            "logging.every=1",
-            "logging.sample_every=null",
-            "checkpoint.every=2",
-            *extra,
-        ],
-    )
+    return toy_cfg(teacher, out, *extra, checkpoint_every=2)
 
 
 def _first_linear(net: torch.nn.Module) -> torch.nn.Linear:

@@ -9,28 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from senseflow.config import load_config
 from senseflow.train import checkpoint as ckpt
 from senseflow.train.draws import draw_step
 from senseflow.train.health import TrainingDiverged
 from senseflow.train.trainer import Distiller
-
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "toy" / "distill.yaml"
+from tests.trainer_helpers import toy_cfg
 
 
 def _cfg(teacher, out, *extra):
-    return load_config(
-        RECIPE,
-        [
-            f"model.teacher={teacher}",
-            f"output_dir={out}",
-            "data.batch_size=2",
-            "logging.every=1",
-            "logging.sample_every=null",
-            "checkpoint.every=3",
-            *extra,
-        ],
-    )
+    return toy_cfg(teacher, out, *extra)
 
 
 def _weights(run_dir, step):
