@@ -16,7 +16,7 @@ from senseflow.method.diffaug import (
 )
 from senseflow.models.toy import ToyAdapter
 from senseflow.train.draws import draw_step
-from tests.test_trainer import RECIPE
+from tests.trainer_helpers import RECIPE
 
 ALL = ["color", "translation", "cutout"]
 SHAPE = (3, 16, 12)

@@ -12,7 +12,7 @@ from senseflow.models.discriminators import (
     build_discriminator,
     head_block,
 )
-from tests.test_trainer import RECIPE
+from tests.trainer_helpers import RECIPE
 
 DMD2 = ["method.gan.type=dmd2_head", "method.gan.weight=5e-3", "method.gan.time_weight=constant"]
 

@@ -6,7 +6,7 @@ import torch
 from senseflow.cli import main
 from senseflow.student import Student
 from senseflow.train.trainer import Distiller
-from tests.test_trainer import _cfg
+from tests.trainer_helpers import toy_cfg as _cfg
 
 
 @pytest.fixture(scope="module")
