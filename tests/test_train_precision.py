@@ -11,7 +11,7 @@ from senseflow.config import ConfigError
 from senseflow.devices import resolve_device
 from senseflow.student import Student
 from senseflow.train.trainer import Distiller
-from tests.trainer_helpers import toy_cfg
+from tests.trainer_helpers import straight_and_resumed, toy_cfg
 
 
 def _cfg(teacher, out, *extra):
@@ -67,16 +67,8 @@ def test_bf16_teacher_is_stored_in_bf16_and_answers_in_fp32(tiny_teacher_dir, tm
 
 def test_bf16_weights_train_resume_bit_exact_and_sample(tiny_teacher_dir, tmp_path):
     bf16 = ["precision.param_dtype=bf16", "precision.teacher_dtype=bf16", "precision.autocast_dtype=bf16"]
-    straight = tmp_path / "straight"
-    Distiller(_cfg(tiny_teacher_dir, straight, "schedule.iterations=4", *bf16), progress=False).run()
-    split = tmp_path / "split"
-    Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=2", *bf16), progress=False).run()
-    resumed = Distiller(
-        _cfg(tiny_teacher_dir, split, "schedule.iterations=4", "checkpoint.resume=latest", *bf16),
-        progress=False,
-    )
+    straight, split, resumed = straight_and_resumed(tiny_teacher_dir, tmp_path, 4, *bf16, checkpoint_every=2)
     assert {p.dtype for p in resumed.fake_score.parameters()} == {torch.bfloat16}
-    resumed.run()
     for module in ("generator", "fake_score"):
         a = load_file(str(straight / "checkpoints" / "step-00000004" / f"{module}.safetensors"))
         b = load_file(str(split / "checkpoints" / "step-00000004" / f"{module}.safetensors"))

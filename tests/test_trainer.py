@@ -13,7 +13,7 @@ from senseflow.train import checkpoint as ckpt
 from senseflow.train.draws import draw_step
 from senseflow.train.health import TrainingDiverged
 from senseflow.train.trainer import Distiller
-from tests.trainer_helpers import toy_cfg
+from tests.trainer_helpers import straight_and_resumed, toy_cfg
 
 
 def _cfg(teacher, out, *extra):
@@ -34,14 +34,7 @@ def _assert_identical(a, b):
 
 
 def test_resume_is_bit_exact(tiny_teacher_dir, tmp_path):
-    straight = tmp_path / "straight"
-    Distiller(_cfg(tiny_teacher_dir, straight, "schedule.iterations=6"), progress=False).run()
-    split = tmp_path / "split"
-    Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=3"), progress=False).run()
-    resumed = Distiller(
-        _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest"), progress=False
-    )
-    resumed.run()
+    straight, split, resumed = straight_and_resumed(tiny_teacher_dir, tmp_path, 6)
     assert resumed.iteration == 6
     _assert_identical(_weights(straight, 6), _weights(split, 6))
     state = torch.load(split / "checkpoints" / "step-00000006" / "state.pt", weights_only=False)
@@ -290,15 +283,7 @@ def test_dmd2_head_loss_trains_the_fake_score(tiny_teacher_dir, tmp_path):
 def test_resume_is_bit_exact_with_diffaug(tiny_teacher_dir, tmp_path, gan):
     """DiffAugment parameters (and the DMD2 head's noise) come from the per-iteration draws."""
     extra = ["method.gan.diffaug=[color,translation,cutout]", *gan]
-    straight = tmp_path / "straight"
-    Distiller(_cfg(tiny_teacher_dir, straight, "schedule.iterations=6", *extra), progress=False).run()
-    split = tmp_path / "split"
-    Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=3", *extra), progress=False).run()
-    resumed = Distiller(
-        _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest", *extra),
-        progress=False,
-    )
-    resumed.run()
+    straight, split, _ = straight_and_resumed(tiny_teacher_dir, tmp_path, 6, *extra)
     _assert_identical(_weights(straight, 6), _weights(split, 6))
 
 

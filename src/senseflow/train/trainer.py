@@ -97,8 +97,7 @@ class Distiller:
         )
         for net in (nets.teacher, nets.generator, nets.fake_score):
             net.to(self.device)
-        if cfg.parallel.gradient_checkpointing:
-            for net in (nets.teacher, nets.generator, nets.fake_score):
+            if cfg.parallel.gradient_checkpointing:
                 self.adapter.enable_gradient_checkpointing(net)
         if cfg.method.ida.enabled:
             check_ida_compatible(nets.fake_score, nets.generator)
