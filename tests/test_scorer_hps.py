@@ -13,12 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from senseflow.metrics.hps import HPSv2Scorer, hps_preprocess
-from senseflow.metrics.scorer_common import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    MissingWeightsError,
-    clip_token_ids,
-)
+from senseflow.metrics.scoring.checkpoints import MissingWeightsError
+from senseflow.metrics.scoring.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from senseflow.metrics.scoring.tokenizer import clip_token_ids
 from tests.scorer_helpers import (
     TINY_HEADS,
     TINY_IMAGE,

@@ -24,7 +24,7 @@ from senseflow.metrics.imagereward import (
     load_imagereward_model,
     vision_config_from_state_dict,
 )
-from senseflow.metrics.scorer_common import MissingWeightsError, ScorerLoadError
+from senseflow.metrics.scoring.checkpoints import MissingWeightsError, ScorerLoadError
 from tests.scorer_helpers import (
     TINY_IMAGE,
     bert_vocab_txt,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from senseflow.metrics.pickscore import PickScoreScorer, PilClipImageProcessor
-from senseflow.metrics.scorer_common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ScorerLoadError
+from senseflow.metrics.scoring.checkpoints import ScorerLoadError
+from senseflow.metrics.scoring.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from tests.scorer_helpers import TINY_IMAGE, cosine, make_clip_tokenizer, make_tiny_clip, random_images
 
 PROMPTS = ["a corgi wearing sunglasses", "an astronaut riding a horse on the moon, 4k, " * 8, "tree"]

@@ -19,29 +19,27 @@ clamp, no logit scale; the reported value is the mean over pairs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from senseflow.metrics.scorer_common import (
-    CLIP_CONTEXT_LENGTH,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    PairScorer,
-    PathType,
+from senseflow.metrics.scoring.base import PairScorer, dtype_name
+from senseflow.metrics.scoring.checkpoints import PathType
+from senseflow.metrics.scoring.clip_model import load_clip_with_tokenizer
+from senseflow.metrics.scoring.embeddings import (
     check_text_pooling,
     clip_image_embeds,
     clip_text_embeds,
-    clip_token_ids,
-    dtype_name,
     l2_normalise,
-    load_clip_model,
-    load_clip_tokenizer,
+)
+from senseflow.metrics.scoring.images import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     pil_center_crop,
     pil_clip_transform,
 )
+from senseflow.metrics.scoring.tokenizer import CLIP_CONTEXT_LENGTH, clip_token_ids
 
 DMD2_PREFIX = "A photo depicts "
 PRE_RESIZE_DMD2 = "square_crop+lanczos256"
@@ -143,17 +141,10 @@ class ClipScorer(PairScorer):
         ``tokenizer``: a tokenizer object, a tokenizer folder or ``bpe_simple_vocab_16e6.txt.gz``;
         defaults to the model folder's tokenizer files. ``arch`` (open_clip files only) defaults to
         ``backbone``; ``convert_kwargs`` (``vision_heads``, ``text_heads``, ``hidden_act``,
-        ``config``) go to :func:`~senseflow.metrics.scorer_common.load_clip_model`.
+        ``config``) go to :func:`~senseflow.metrics.scoring.clip_model.load_clip_model`.
         """
-        fallback = Path(path) if Path(path).is_dir() else None
-        tokenizer = load_clip_tokenizer(tokenizer, fallback_dir=fallback)
-        loaded = load_clip_model(
-            path,
-            arch=arch or backbone,
-            allow_pickle=allow_pickle,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **convert_kwargs,
+        loaded, tokenizer = load_clip_with_tokenizer(
+            path, tokenizer, arch=arch or backbone, allow_pickle=allow_pickle, **convert_kwargs
         )
         return cls(
             loaded.model,

@@ -22,25 +22,24 @@ from typing import Any
 import torch
 from PIL import Image
 
-from senseflow.metrics.scorer_common import (
-    CLIP_CONTEXT_LENGTH,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    PairScorer,
-    PathType,
+from senseflow.metrics.scoring.base import PairScorer, dtype_name
+from senseflow.metrics.scoring.checkpoints import PathType
+from senseflow.metrics.scoring.clip_model import load_clip_with_tokenizer
+from senseflow.metrics.scoring.embeddings import (
     check_text_pooling,
     clip_image_embeds,
     clip_text_embeds,
-    clip_token_ids,
-    dtype_name,
     l2_normalise,
-    load_clip_model,
-    load_clip_tokenizer,
+)
+from senseflow.metrics.scoring.images import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     normalise_chw,
     tensor_center_crop,
     tensor_resize_shorter,
     to_float_tensor,
 )
+from senseflow.metrics.scoring.tokenizer import CLIP_CONTEXT_LENGTH, clip_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +114,8 @@ class HPSv2Scorer(PairScorer):
         for other, filename in HPS_WEIGHT_FILES.items():
             if other != version and name == filename:
                 raise ValueError(f"{path} is the HPS {other} weights file but version={version!r}")
-        fallback = Path(path) if Path(path).is_dir() else None
-        tokenizer = load_clip_tokenizer(tokenizer, fallback_dir=fallback)
-        loaded = load_clip_model(
-            path,
-            arch=arch,
-            allow_pickle=allow_pickle,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **convert_kwargs,
+        loaded, tokenizer = load_clip_with_tokenizer(
+            path, tokenizer, arch=arch, allow_pickle=allow_pickle, **convert_kwargs
         )
         return cls(
             loaded.model,

@@ -39,22 +39,19 @@ import torch
 from PIL import Image
 from torch import nn
 
-from senseflow.metrics.scorer_common import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
+from senseflow.metrics.scoring.base import PairScorer, dtype_name
+from senseflow.metrics.scoring.checkpoints import (
     KeyRule,
     LoadReport,
     MissingWeightsError,
-    PairScorer,
     PathType,
     ScorerLoadError,
     apply_key_rules,
-    dtype_name,
     load_converted,
     load_state_dict_file,
-    pil_clip_transform,
-    sha256_file,
 )
+from senseflow.metrics.scoring.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, pil_clip_transform
+from senseflow.metrics.weights import sha256_file
 
 logger = logging.getLogger(__name__)
 

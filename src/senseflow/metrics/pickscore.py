@@ -27,19 +27,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from senseflow.metrics.scorer_common import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    PairScorer,
-    PathType,
-    ScorerLoadError,
-    center_crop_offsets,
+from senseflow.metrics.scoring.base import PairScorer, dtype_name
+from senseflow.metrics.scoring.checkpoints import PathType, ScorerLoadError
+from senseflow.metrics.scoring.clip_model import load_clip_model
+from senseflow.metrics.scoring.embeddings import (
     check_text_pooling,
     clip_image_embeds,
     clip_text_embeds,
-    dtype_name,
     l2_normalise,
-    load_clip_model,
+)
+from senseflow.metrics.scoring.images import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    center_crop_offsets,
     resized_shorter_side,
 )
 

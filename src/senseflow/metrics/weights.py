@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,39 @@ class WeightEntry:
 
 _INCEPTION_LICENCE = "Apache-2.0 (TensorFlow Inception weights, via NVIDIA's StyleGAN metrics port)"
 
+_HF_FOLDER_FILES = ("*.json", "*.txt", "*.safetensors")
+
+
+def _hf_folder(
+    name: str, repo: str, relpath: str, licence: str, upstream_note: str = "", **extra: Any
+) -> WeightEntry:
+    """A transformers-format folder fetched from the Hugging Face repository ``repo``."""
+    upstream = f"HF {repo} ({upstream_note})" if upstream_note else f"HF {repo}"
+    return WeightEntry(
+        name=name,
+        hf_repo=repo,
+        hf_files=_HF_FOLDER_FILES,
+        relpath=relpath,
+        upstream=upstream,
+        licence=licence,
+        required_files=("config.json",),
+        **extra,
+    )
+
+
+def _hf_file(name: str, repo: str, filename: str, relpath: str, licence: str, **extra: Any) -> WeightEntry:
+    """One file ``filename`` fetched from the Hugging Face repository ``repo``."""
+    return WeightEntry(
+        name=name,
+        hf_repo=repo,
+        hf_files=(filename,),
+        relpath=relpath,
+        upstream=f"HF {repo}, file {filename}",
+        licence=licence,
+        **extra,
+    )
+
+
 MANIFEST: dict[str, WeightEntry] = {
     e.name: e
     for e in (
@@ -86,74 +120,60 @@ MANIFEST: dict[str, WeightEntry] = {
             "sha1 a16e4d89c0ecbc17a915dd76ea9e41211aa82562.",
         ),
         # --- CLIP score (§5) ---
-        WeightEntry(
-            name="clip.vit_g14.open_clip",
-            hf_repo="laion/CLIP-ViT-g-14-laion2B-s12B-b42K",
-            hf_files=("open_clip_pytorch_model.bin",),
-            relpath="clip/ViT-g-14-laion2b_s12b_b42k/open_clip_pytorch_model.bin",
-            upstream="HF laion/CLIP-ViT-g-14-laion2B-s12B-b42K, file open_clip_pytorch_model.bin",
-            licence="MIT (unconfirmed)",
+        _hf_file(
+            "clip.vit_g14.open_clip",
+            "laion/CLIP-ViT-g-14-laion2B-s12B-b42K",
+            "open_clip_pytorch_model.bin",
+            "clip/ViT-g-14-laion2b_s12b_b42k/open_clip_pytorch_model.bin",
+            "MIT (unconfirmed)",
             notes="open_clip ViT-g-14 pretrained laion2b_s12b_b42k (default CLIP-score backbone), ~5.5 GB.",
         ),
-        WeightEntry(
-            name="clip.vit_g14.hf",
-            hf_repo="laion/CLIP-ViT-g-14-laion2B-s12B-b42K",
-            hf_files=("*.json", "*.txt", "*.safetensors"),
-            relpath="clip/CLIP-ViT-g-14-laion2B-s12B-b42K/",
-            upstream="HF laion/CLIP-ViT-g-14-laion2B-s12B-b42K (transformers-format files)",
-            licence="MIT (unconfirmed)",
-            required_files=("config.json",),
+        _hf_folder(
+            "clip.vit_g14.hf",
+            "laion/CLIP-ViT-g-14-laion2B-s12B-b42K",
+            "clip/CLIP-ViT-g-14-laion2B-s12B-b42K/",
+            "MIT (unconfirmed)",
+            upstream_note="transformers-format files",
             notes="Same model for the transformers backend "
             "(that the repository carries transformers files is unconfirmed).",
         ),
-        WeightEntry(
-            name="clip.vit_l14.hf",
-            hf_repo="openai/clip-vit-large-patch14",
-            hf_files=("*.json", "*.txt", "*.safetensors"),
-            relpath="clip/clip-vit-large-patch14/",
-            upstream="HF openai/clip-vit-large-patch14",
-            licence="MIT (unconfirmed)",
-            required_files=("config.json",),
+        _hf_folder(
+            "clip.vit_l14.hf",
+            "openai/clip-vit-large-patch14",
+            "clip/clip-vit-large-patch14/",
+            "MIT (unconfirmed)",
             notes="Option for the CLIP-score backbone (open question §14.3).",
         ),
-        WeightEntry(
-            name="clip.vit_b32.hf",
-            hf_repo="openai/clip-vit-base-patch32",
-            hf_files=("*.json", "*.txt", "*.safetensors"),
-            relpath="compbench/clip-vit-base-patch32/",
-            upstream="HF openai/clip-vit-base-patch32",
-            licence="MIT (unconfirmed)",
-            required_files=("config.json",),
+        _hf_folder(
+            "clip.vit_b32.hf",
+            "openai/clip-vit-base-patch32",
+            "compbench/clip-vit-base-patch32/",
+            "MIT (unconfirmed)",
             notes="DMD2's ViT-B/32 CLIP-score option; the same files as compbench.clip_vit_b32.",
         ),
         # --- HPSv2 (§6) ---
-        WeightEntry(
-            name="hps.v2.0",
-            hf_repo="xswu/HPSv2",
-            hf_files=("HPS_v2_compressed.pt",),
-            relpath="hps/HPS_v2_compressed.pt",
-            upstream="HF xswu/HPSv2, file HPS_v2_compressed.pt",
-            licence="Apache-2.0 (unconfirmed)",
+        _hf_file(
+            "hps.v2.0",
+            "xswu/HPSv2",
+            "HPS_v2_compressed.pt",
+            "hps/HPS_v2_compressed.pt",
+            "Apache-2.0 (unconfirmed)",
             notes="open_clip ViT-H-14 state dict under 'state_dict', ~2 GB (unconfirmed).",
         ),
-        WeightEntry(
-            name="hps.v2.1",
-            hf_repo="xswu/HPSv2",
-            hf_files=("HPS_v2.1_compressed.pt",),
-            relpath="hps/HPS_v2.1_compressed.pt",
-            upstream="HF xswu/HPSv2, file HPS_v2.1_compressed.pt",
-            licence="Apache-2.0 (unconfirmed)",
+        _hf_file(
+            "hps.v2.1",
+            "xswu/HPSv2",
+            "HPS_v2.1_compressed.pt",
+            "hps/HPS_v2.1_compressed.pt",
+            "Apache-2.0 (unconfirmed)",
             notes="open_clip ViT-H-14 state dict under 'state_dict', ~2 GB (unconfirmed).",
         ),
         # --- PickScore (§7) ---
-        WeightEntry(
-            name="pickscore.model",
-            hf_repo="yuvalkirstain/PickScore_v1",
-            hf_files=("*.json", "*.txt", "*.safetensors"),
-            relpath="pickscore/PickScore_v1/",
-            upstream="HF yuvalkirstain/PickScore_v1",
-            licence="unknown (check the model card)",
-            required_files=("config.json",),
+        _hf_folder(
+            "pickscore.model",
+            "yuvalkirstain/PickScore_v1",
+            "pickscore/PickScore_v1/",
+            "unknown (check the model card)",
             notes="~3.9 GB (unconfirmed).",
         ),
         WeightEntry(
@@ -172,22 +192,20 @@ MANIFEST: dict[str, WeightEntry] = {
             required_files=("preprocessor_config.json",),
         ),
         # --- ImageReward (§8) ---
-        WeightEntry(
-            name="imagereward.model",
-            hf_repo="THUDM/ImageReward",
-            hf_files=("ImageReward.pt",),
-            relpath="imagereward/ImageReward.pt",
-            upstream="HF THUDM/ImageReward, file ImageReward.pt",
-            licence="Apache-2.0 (unconfirmed)",
+        _hf_file(
+            "imagereward.model",
+            "THUDM/ImageReward",
+            "ImageReward.pt",
+            "imagereward/ImageReward.pt",
+            "Apache-2.0 (unconfirmed)",
             notes="~1.7 GB (unconfirmed).",
         ),
-        WeightEntry(
-            name="imagereward.med_config",
-            hf_repo="THUDM/ImageReward",
-            hf_files=("med_config.json",),
-            relpath="imagereward/med_config.json",
-            upstream="HF THUDM/ImageReward, file med_config.json",
-            licence="Apache-2.0 (unconfirmed)",
+        _hf_file(
+            "imagereward.med_config",
+            "THUDM/ImageReward",
+            "med_config.json",
+            "imagereward/med_config.json",
+            "Apache-2.0 (unconfirmed)",
         ),
         WeightEntry(
             name="tokenizer.bert_base_uncased",
@@ -200,23 +218,18 @@ MANIFEST: dict[str, WeightEntry] = {
             notes="BLIP tokenizer base for ImageReward and BLIP-VQA.",
         ),
         # --- T2I-CompBench (§11) ---
-        WeightEntry(
-            name="compbench.blip_vqa",
-            hf_repo="Salesforce/blip-vqa-capfilt-large",
-            hf_files=("*.json", "*.txt", "*.safetensors"),
-            relpath="compbench/blip-vqa-capfilt-large/",
-            upstream="HF Salesforce/blip-vqa-capfilt-large",
-            licence="BSD-3-Clause (unconfirmed)",
-            required_files=("config.json",),
+        _hf_folder(
+            "compbench.blip_vqa",
+            "Salesforce/blip-vqa-capfilt-large",
+            "compbench/blip-vqa-capfilt-large/",
+            "BSD-3-Clause (unconfirmed)",
         ),
-        WeightEntry(
-            name="compbench.clip_vit_b32",
-            hf_repo="openai/clip-vit-base-patch32",
-            hf_files=("*.json", "*.txt", "*.safetensors"),
-            relpath="compbench/clip-vit-base-patch32/",
-            upstream="HF openai/clip-vit-base-patch32 (or open_clip ViT-B-32/openai)",
-            licence="MIT (unconfirmed)",
-            required_files=("config.json",),
+        _hf_folder(
+            "compbench.clip_vit_b32",
+            "openai/clip-vit-base-patch32",
+            "compbench/clip-vit-base-patch32/",
+            "MIT (unconfirmed)",
+            upstream_note="or open_clip ViT-B-32/openai",
         ),
         WeightEntry(
             name="compbench.unidet",

@@ -10,5 +10,5 @@ Everything here re-implements documented behaviour (evaluation spec §3, §5–�
 * :mod:`.embeddings` – projected embeddings from model outputs, text-pooling check.
 * :mod:`.base` – the :class:`PairScorer` base class and dtype/device helpers.
 
-:mod:`senseflow.metrics.scorer_common` re-exports the public names of all of them.
+Import each name from the module that defines it.
 """

@@ -4,7 +4,7 @@
 :class:`transformers.CLIPModel` config and state dict; :func:`load_clip_model` loads a
 ``from_pretrained`` folder, a transformers-named state-dict file or an open_clip state-dict file,
 and raises :class:`~senseflow.metrics.scoring.checkpoints.MissingWeightsError` naming every missing
-key.
+key; :func:`load_clip_with_tokenizer` loads a model together with its CLIP tokenizer.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from senseflow.metrics.scoring.checkpoints import (
     load_converted,
     load_state_dict_file,
 )
+from senseflow.metrics.scoring.tokenizer import load_clip_tokenizer
 
 # Head counts and activation of open_clip architectures (not recoverable from tensor shapes).
 OPEN_CLIP_ARCHS: dict[str, dict[str, Any]] = {
@@ -275,3 +276,31 @@ def load_clip_model(
     usable = {k: v for k, v in state.items() if k in expected}
     load_converted(model, usable, report)
     return LoadedClip(model.float().eval(), report, "transformers_state_dict", path)
+
+
+def load_clip_with_tokenizer(
+    path: PathType,
+    tokenizer: Any = None,
+    *,
+    arch: str | None = None,
+    allow_pickle: bool = False,
+    **convert_kwargs: Any,
+) -> tuple[LoadedClip, Any]:
+    """A CLIP model from ``path`` and its tokenizer, the model's text pooling set by the tokenizer.
+
+    ``tokenizer``: a tokenizer object, a tokenizer folder or ``bpe_simple_vocab_16e6.txt.gz``;
+    ``None`` takes the tokenizer files of ``path`` when it is a folder (:func:`load_clip_tokenizer`).
+    The tokenizer's BOS/EOS ids, ``arch``, ``allow_pickle`` and ``convert_kwargs`` (``config``,
+    ``vision_heads``, ``text_heads``, ``hidden_act``) go to :func:`load_clip_model`.
+    """
+    fallback = Path(path) if Path(path).is_dir() else None
+    tokenizer = load_clip_tokenizer(tokenizer, fallback_dir=fallback)
+    loaded = load_clip_model(
+        path,
+        arch=arch,
+        allow_pickle=allow_pickle,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **convert_kwargs,
+    )
+    return loaded, tokenizer

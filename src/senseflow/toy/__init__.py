@@ -1,1 +1,0 @@
-"""The built-in "shapes" world: a procedural text-to-image domain that runs on a CPU."""
