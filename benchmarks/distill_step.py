@@ -3,8 +3,9 @@
 Builds a :class:`senseflow.train.trainer.Distiller` from a recipe and times, on one fixed batch and
 one fixed set of draws (those of a generator turn), the full ``train_step`` of a generator turn and
 of a non-generator turn, then every pass of the iteration in isolation, each through the
-Distiller's own objects and helpers (adapter, networks, optimisers, ``_input``, ``_step``,
-``_discriminator_step``) and the method functions the trainer calls. Each figure is the mean of
+Distiller's public pieces (``inputs``, ``draws``, ``predict``, ``guided``, ``decode``, ``update``,
+``joint_update``) and its :class:`~senseflow.train.step.SenseFlowStep` (``generator_input``,
+``fake_loss``, ``discriminator_loss``) and the method functions the step calls. Each figure is the mean of
 ``--iterations`` repeats after ``--warmup`` untimed ones.
 
     python benchmarks/distill_step.py --teacher runs/toy_teacher --batch-size 16
@@ -31,16 +32,8 @@ from pathlib import Path
 import torch
 
 from senseflow.config import load_config
-from senseflow.method import (
-    fake_score_loss,
-    hinge_g_loss,
-    ida_update_,
-    isg_loss,
-    isg_targets,
-    isg_x0_targets,
-    nonsaturating_g_loss,
-)
-from senseflow.train.draws import StepDraws, draw_step
+from senseflow.method import ida_update_, isg_loss, isg_targets, isg_x0_targets
+from senseflow.train.draws import StepDraws
 from senseflow.train.trainer import Distiller
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,27 +87,14 @@ class Batch:
 
 def prepare(dist: Distiller, n: int, lap: Laps) -> Batch:
     """The preamble of ``train_step`` for iteration ``n``, timed as two laps."""
-    cfg, p = dist.cfg, dist.param
     with lap("data, draws, prompt encoding"):
-        images, prompts = dist.data.batch(n)
-        images, prompts = images[: dist.batch].to(dist.device), prompts[: dist.batch]
-        x_real = dist.adapter.encode_images(images)
-        d = draw_step(
-            cfg.method,
-            p,
-            dist.anchor_levels,
-            tuple(x_real.shape[1:]),
-            dist.batch,
-            dist.batch,
-            cfg.seed,
-            n,
-            disc_shape=dist._disc_shape(images, x_real),
-            disc_noised=dist.discriminator is not None and dist.discriminator.noised,
-        ).to(dist.device)
-        cond = dist.adapter.encode_prompts(prompts)
+        batch = dist.data.batch(n).to(dist.device)
+        x_real, cond = dist.inputs(batch)
+        _, d = dist.draws(n, tuple(x_real.shape[1:]))
     with lap("input (backward simulation)"):
-        x_in = dist._input(x_real, d, cond)
+        x_in = dist.step.generator_input(x_real, d, cond)
     level_j, level_next = dist.levels[d.anchor_index], dist.levels[d.anchor_index + 1]
+    images = batch.images if batch.images is not None else dist.decode(x_real)
     return Batch(images, x_real, d, cond, x_in, level_j, level_next)
 
 
@@ -125,7 +105,7 @@ def generator_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
     gen_opt = dist.optimizers["generator"]
     gen_opt.zero_grad(set_to_none=True)
     with lap("generator forward+backward"):
-        out_in = dist._predict(dist.generator, b.x_in, b.level_j, cond)
+        out_in = dist.predict(dist.generator, b.x_in, b.level_j, cond)
         x0 = p.x0_from_output(b.x_in, out_in, b.level_j)
         (x0 * d.dmd_noise).mean().backward()  # a stand-in loss: the backward of the generator graph
     with lap("generator optimiser step (clip + AdamW)"):
@@ -136,24 +116,23 @@ def generator_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
     x_t = p.add_noise(x0, d.dmd_noise, d.dmd_level)
     with torch.no_grad():
         with lap("teacher guided forward (DMD, CFG: 2x batch)"):
-            dist._guided(x_t, d.dmd_level, cond, d.dmd_guidance)
+            dist.guided(x_t, d.dmd_level, cond, d.dmd_guidance)
         with lap("fake-score forward (DMD, no grad)"):
-            dist._predict(dist.fake_score, x_t, d.dmd_level, cond)
+            dist.predict(dist.fake_score, x_t, d.dmd_level, cond)
     if dist.discriminator is not None and m.gan.weight:
         x0_leaf = x0.clone().requires_grad_(True)
         with lap("GAN generator loss (D forward+backward to x0)"):
             pixels = dist.discriminator.input_space == "pixels"
-            x_d = dist._decode(x0_leaf) if pixels else x0_leaf
-            logits = dist._discriminate(dist.discriminator, x_d, cond, d.disc_gen)
-            g_loss = hinge_g_loss if m.gan.type != "dmd2_head" else nonsaturating_g_loss
-            g_loss(logits, dist._gan_weights(b.level_j)).backward()
+            x_d = dist.decode(x0_leaf) if pixels else x0_leaf
+            logits = dist.step.discriminate(dist.step.nets.discriminator, x_d, cond, d.disc_gen)
+            dist.step.g_loss(logits, dist.step.gan_weights(b.level_j)).backward()
     if m.isg.weight > 0:
         with lap("ISG (teacher CFG step + generator no-grad step)"):
-            teacher = dist._teacher_fn(cond, d.isg_guidance)
+            teacher = lambda x, level: dist.guided(x, level, cond, d.isg_guidance)  # noqa: E731
             if p.kind == "ddpm" and m.isg.sdxl_mode == "official":
                 t = isg_x0_targets(b.x_in, b.level_j, b.level_next, teacher, out_in, p)
             else:
-                student = dist._output_fn(dist.generator, cond)
+                student = lambda x, level: dist.predict(dist.generator, x, level, cond)  # noqa: E731
                 level_mid = p.level_from_grid(d.isg_mid_grid)
                 t = isg_targets(b.x_in, b.level_j, b.level_next, level_mid, teacher, student, out_in, p)
             isg_loss(t.x_direct, t.x_target, m.isg.loss, m.isg.charbonnier_eps)
@@ -166,30 +145,29 @@ def generator_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
 def other_turn_passes(dist: Distiller, b: Batch, lap: Laps) -> None:
     """Every pass of a non-generator turn: the generator forward runs without grad, no update."""
     with torch.no_grad(), lap("generator forward (no grad)"):
-        out_in = dist._predict(dist.generator, b.x_in, b.level_j, b.cond)
+        out_in = dist.predict(dist.generator, b.x_in, b.level_j, b.cond)
         x0 = dist.param.x0_from_output(b.x_in, out_in, b.level_j)
     shared_passes(dist, b, x0, lap)
 
 
 def shared_passes(dist: Distiller, b: Batch, x0: torch.Tensor, lap: Laps) -> None:
     """The fake-score and discriminator updates every iteration makes."""
-    p, d, disc = dist.param, b.draws, dist.discriminator
+    d, disc = b.draws, dist.discriminator
     shared = disc is not None and disc.shares_fake_update
     with lap(FAKE_AND_D if shared else "fake-score training step (fwd+bwd+opt)"):
-        x_t = p.add_noise(x0, d.fake_noise, d.fake_level)
-        out = dist._predict(dist.fake_ddp, x_t, d.fake_level, b.cond)
-        loss = fake_score_loss(p, out, x0, d.fake_noise, d.fake_level)
+        loss = dist.step.fake_loss(x0, d, b.cond)
         if shared:  # the DMD2 head: one backward of fake loss + D loss, as the trainer does
             with disc.fake_in_graph():
-                d_loss, _ = dist._discriminator_loss(b.x_real, x0, b.cond, b.level_j, d)
-            dist._joint_step(("fake_score", "discriminator"), loss + d_loss)
+                d_loss, _ = dist.step.discriminator_loss(b.x_real, x0, b.cond, b.level_j, d)
+            dist.joint_update(("fake_score", "discriminator"), loss + d_loss)
         else:
-            dist._step("fake_score", loss, dist.fake_score.parameters())
+            dist.update("fake_score", loss)
     if disc is not None and not shared:
         pixels = disc.input_space == "pixels"
-        real, fake = (b.images, dist._decode(x0)) if pixels else (b.x_real, x0)
+        real, fake = (b.images, dist.decode(x0)) if pixels else (b.x_real, x0)
         with lap("discriminator step"):
-            dist._discriminator_step(real, fake, b.cond, b.level_j, {}, d)
+            d_loss, _ = dist.step.discriminator_loss(real, fake, b.cond, b.level_j, d)
+            dist.update("discriminator", d_loss)
 
 
 # Every pass in table order; a turn's sum is over the passes measured for it (the step excluded).

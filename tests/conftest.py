@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from senseflow.toy.teacher import TeacherArch, TeacherTraining, TextArch, ToyTeacherConfig, train_teacher
+from senseflow.experiments.toy.teacher import train_teacher
+from senseflow.families.toy.recipe import TeacherArch, TeacherTraining, TextArch, ToyTeacherConfig
 
 TINY_TEACHER = ToyTeacherConfig(
     arch=TeacherArch(num_layers=1, num_attention_heads=2, attention_head_dim=8),

@@ -7,7 +7,7 @@ import math
 import torch
 
 from senseflow.cli import main
-from senseflow.toy.ablate import VARIANTS
+from senseflow.experiments.toy.ablate import VARIANTS
 
 
 def _args(teacher, tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from senseflow.config import load_config
+from senseflow.families.toy.adapter import ToyAdapter
 from senseflow.method.diffaug import (
     BRIGHTNESS_RANGE,
     CONTRAST_RANGE,
@@ -14,7 +15,6 @@ from senseflow.method.diffaug import (
     draw_diffaug_params,
     neutral_diffaug_params,
 )
-from senseflow.models.toy import ToyAdapter
 from senseflow.train.draws import draw_step
 from tests.trainer_helpers import RECIPE
 

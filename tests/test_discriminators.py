@@ -6,7 +6,9 @@ import torch
 from senseflow.config import load_config
 from senseflow.method import nonsaturating_d_loss, nonsaturating_g_loss
 from senseflow.models import build_adapter
+from senseflow.models.build import build_networks
 from senseflow.models.discriminators import (
+    Discriminator,
     FakeScoreHeadDiscriminator,
     ProjectedDiscriminator,
     build_discriminator,
@@ -21,7 +23,7 @@ DMD2 = ["method.gan.type=dmd2_head", "method.gan.weight=5e-3", "method.gan.time_
 def setup(tiny_teacher_dir):
     cfg = load_config(RECIPE, [f"model.teacher={tiny_teacher_dir}", *DMD2])
     adapter = build_adapter(cfg)
-    nets = adapter.build_networks()
+    nets = build_networks(adapter)
     torch.manual_seed(0)
     disc = build_discriminator(cfg.method.gan, adapter, nets.fake_score)
     return cfg, adapter, nets.fake_score, disc
@@ -43,18 +45,23 @@ def _zero_grads(*modules):
 
 
 def test_build_and_input_spaces(setup, tiny_teacher_dir):
-    cfg, adapter, _, disc = setup
-    assert isinstance(disc, FakeScoreHeadDiscriminator)
-    assert disc.input_space == "model" and disc.noised
-    toy = build_discriminator(load_config(RECIPE, [f"model.teacher={tiny_teacher_dir}"]).method.gan, adapter)
-    assert isinstance(toy, ProjectedDiscriminator) and toy.input_space == "pixels" and not toy.noised
+    _, adapter, fake, disc = setup
+    assert isinstance(disc, FakeScoreHeadDiscriminator) and isinstance(disc, Discriminator)
+    assert disc.input_space == "model" and disc.noised and disc.loss == "nonsaturating"
+    toy_gan = load_config(RECIPE, [f"model.teacher={tiny_teacher_dir}"]).method.gan
+    toy = build_discriminator(toy_gan, adapter, fake)
+    assert isinstance(toy, ProjectedDiscriminator) and isinstance(toy, Discriminator)
+    assert toy.input_space == "pixels" and not toy.noised and toy.loss == "hinge"
     none = load_config(RECIPE, [f"model.teacher={tiny_teacher_dir}", "method.gan.type=none"])
-    assert build_discriminator(none.method.gan, adapter) is None
-    with pytest.raises(ValueError, match="fake score"):
-        build_discriminator(cfg.method.gan, adapter)
-    vfm = load_config(RECIPE, [f"model.teacher={tiny_teacher_dir}", "method.gan.type=vfm"])
-    with pytest.raises(ValueError, match="not available"):
-        build_discriminator(vfm.method.gan, adapter)
+    assert build_discriminator(none.method.gan, adapter, fake) is None
+    vfm = load_config(
+        RECIPE,
+        [f"model.teacher={tiny_teacher_dir}", "method.gan.type=vfm", "method.gan.time_weight=alpha_sq"],
+    )
+    with pytest.raises(
+        ValueError, match=r"method\.gan\.type: 'vfm' is a valid recipe value but this version"
+    ):
+        build_discriminator(vfm.method.gan, adapter, fake)
 
 
 def test_head_is_the_only_state_and_trainable_part(setup):

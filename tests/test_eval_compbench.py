@@ -137,8 +137,8 @@ def test_every_category_is_scored_for_the_model_with_detections(setup):
 
 
 def test_images_follow_the_index_and_seeds(setup, tiny_teacher_dir):
+    from senseflow.families.toy.pipeline import ToyTeacher
     from senseflow.metrics.image_io import quantise
-    from senseflow.toy.pipeline import ToyTeacher
 
     root, cfg, _ = setup
     folder = next((root / "out" / "compbench" / "images" / "shape").glob("teacher-*"))

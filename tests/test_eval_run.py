@@ -19,9 +19,9 @@ from senseflow.metrics import fid as fid_module
 from senseflow.metrics.clip_score import ClipScorer
 from senseflow.metrics.frechet import fid_from_features
 from senseflow.metrics.image_io import load_rgb
+from senseflow.metrics.shapes.evaluator import evaluate
+from senseflow.metrics.shapes.features import extract_features
 from senseflow.metrics.weights import WeightsNotFoundError, sha256_file
-from senseflow.toy.evaluator import evaluate
-from senseflow.toy.features import extract_features
 from senseflow.train.trainer import Distiller
 from tests.scorer_helpers import (
     TINY_HEADS,
@@ -232,8 +232,8 @@ def test_scores_belong_to_the_right_image_and_prompt(evaluated, weights):
 
 
 def test_teacher_images_follow_the_teacher_sampler(evaluated, tiny_teacher_dir):
-    from senseflow.toy.evaluator import to_uint8
-    from senseflow.toy.pipeline import ToyTeacher
+    from senseflow.families.toy.pipeline import ToyTeacher
+    from senseflow.metrics.shapes.evaluator import to_uint8
 
     _, result = evaluated
     _, folder, index = _images_of(result, "teacher-other-seeds")

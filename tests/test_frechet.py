@@ -8,10 +8,10 @@ import torch
 from scipy import ndimage
 
 import senseflow.metrics.frechet as frechet
+from senseflow.families.toy.render import render
+from senseflow.families.toy.world import all_scenes
 from senseflow.metrics import FeatureStats, fid_from_features, fid_from_stats, frechet_distance
-from senseflow.toy.features import FEATURE_DIM, _weights, extract_features
-from senseflow.toy.render import render
-from senseflow.toy.world import all_scenes
+from senseflow.metrics.shapes.features import FEATURE_DIM, _weights, extract_features
 
 
 def _random_cov(rng: np.random.Generator, d: int) -> np.ndarray:

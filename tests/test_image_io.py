@@ -17,7 +17,7 @@ from senseflow.metrics.image_io import (
     save_png,
     save_pngs,
 )
-from senseflow.toy.evaluator import to_uint8
+from senseflow.metrics.shapes.evaluator import to_uint8
 
 # --- quantisation -----------------------------------------------------------------------------------
 

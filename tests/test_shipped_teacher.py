@@ -3,9 +3,10 @@
 import numpy as np
 import yaml
 
-from senseflow.toy.evaluator import evaluate, to_uint8
-from senseflow.toy.pipeline import ToyTeacher, shipped_teacher_path
-from senseflow.toy.world import all_objects
+from senseflow.families.toy.folder import shipped_teacher_path
+from senseflow.families.toy.pipeline import ToyTeacher
+from senseflow.families.toy.world import all_objects
+from senseflow.metrics.shapes.evaluator import evaluate, to_uint8
 
 # The shipped teacher finds 12/12 prompted colours on these prompts at 20 steps (measured); the floor
 # sits well under that, so the test catches a broken file or loader, not sampling noise.

@@ -1,16 +1,18 @@
 import torch
 
 from senseflow.config.common import AnchorsConfig
-from senseflow.models.toy import ToyAdapter
-from senseflow.toy.pipeline import ToyTeacher
+from senseflow.families.toy.adapter import ToyAdapter
+from senseflow.families.toy.pipeline import ToyTeacher
+from senseflow.models.build import build_networks
 
 
-def test_adapter_cfg_matches_teacher_sampler(tiny_teacher_dir):
-    """The trainer's guided teacher call equals the sampler's CFG velocity (two separate code paths)."""
+def test_adapter_cfg_equals_two_stock_transformer_calls(tiny_teacher_dir):
+    """The trainer's guided teacher call equals u + w (c - u) from two separate calls of the stock
+    ``from_pretrained`` transformer (conditional, then the empty prompt)."""
     adapter = ToyAdapter(
         tiny_teacher_dir, AnchorsConfig(values=[1.0, 0.75, 0.5, 0.25], units="t"), "uncond_plus"
     )
-    nets = adapter.build_networks()
+    nets = build_networks(adapter)
     teacher = ToyTeacher(tiny_teacher_dir)
     prompts = ["a small red circle", "a large blue square above a small green triangle"]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -18,13 +20,26 @@ def test_adapter_cfg_matches_teacher_sampler(tiny_teacher_dir):
     ours = adapter.guided_predict(
         nets.teacher, x, sigma, adapter.encode_prompts(prompts), torch.tensor([2.5, 2.5])
     )
-    reference = teacher.guided_velocity_fn(prompts, 2.5)(x, sigma)
+
+    def velocity(texts):
+        tokens, pooled = teacher.encoder(texts)
+        return teacher.transformer(
+            hidden_states=x,
+            encoder_hidden_states=tokens,
+            pooled_projections=pooled,
+            timestep=sigma * 1000,
+            return_dict=False,
+        )[0]
+
+    with torch.no_grad():
+        c, u = velocity(prompts), velocity(["", ""])
+    reference = u + 2.5 * (c - u)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_generator_and_fake_start_as_teacher_copies(tiny_teacher_dir):
     adapter = ToyAdapter(tiny_teacher_dir, AnchorsConfig(values=[1.0, 0.5], units="t"), "uncond_plus")
-    nets = adapter.build_networks()
+    nets = build_networks(adapter)
     for (name, t), g, f in zip(
         nets.teacher.named_parameters(),
         nets.generator.parameters(),
@@ -42,10 +57,8 @@ def test_toy_family_refuses_a_hub_revision(tiny_teacher_dir, tmp_path):
 
     import pytest
 
-    from senseflow.config import load_config
-    from senseflow.models import build_adapter
+    from senseflow.config import ConfigError, load_config
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "toy" / "distill.yaml"
-    cfg = load_config(recipe, [f"model.teacher={tiny_teacher_dir}", "model.revision=main"])
-    with pytest.raises(ValueError, match=r"model\.revision: the toy teacher is a local folder"):
-        build_adapter(cfg)
+    with pytest.raises(ConfigError, match=r"model\.revision.*local folder and has no hub revision"):
+        load_config(recipe, [f"model.teacher={tiny_teacher_dir}", "model.revision=main"])

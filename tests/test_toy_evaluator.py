@@ -9,7 +9,17 @@ import pytest
 import torch
 from scipy import ndimage
 
-from senseflow.toy.evaluator import (
+from senseflow.families.toy.render import render
+from senseflow.families.toy.world import (
+    BACKGROUND,
+    COLOURS,
+    RELATIONS,
+    SHAPES,
+    ObjectSpec,
+    SceneSpec,
+    all_scenes,
+)
+from senseflow.metrics.shapes.evaluator import (
     Detection,
     detect_objects,
     evaluate,
@@ -17,8 +27,6 @@ from senseflow.toy.evaluator import (
     score_image,
     to_uint8,
 )
-from senseflow.toy.render import render
-from senseflow.toy.world import BACKGROUND, COLOURS, RELATIONS, SHAPES, ObjectSpec, SceneSpec, all_scenes
 
 # Seeds not used while the evaluator's thresholds were chosen (those were 0, 1, 7 and 123).
 FRESH_SEED = 20_251_127

@@ -7,11 +7,11 @@ import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from senseflow.cli import main
-from senseflow.sampling import combine_guidance, flow_euler_sample, seeded_noise
-from senseflow.toy.data import ShapesBatches
-from senseflow.toy.pipeline import ToyTeacher
-from senseflow.toy.text import PromptEncoder
-from senseflow.toy.world import scenes_in_split
+from senseflow.core.sampling import combine_guidance, flow_euler_sample, seeded_noise
+from senseflow.families.toy.data import ShapesBatches
+from senseflow.families.toy.pipeline import ToyTeacher
+from senseflow.families.toy.text import PromptEncoder
+from senseflow.families.toy.world import scenes_in_split
 
 
 def test_batches_are_resumable_and_from_split():
@@ -132,7 +132,7 @@ def test_periodic_saves_and_continuation_history(tiny_teacher_dir, tmp_path, mon
     """train.save_every writes the EMA mid-run (replacing the folder whole); init_from keeps history."""
     from diffusers import SD3Transformer2DModel
 
-    from senseflow.toy import teacher as teacher_mod
+    from senseflow.experiments.toy import teacher as teacher_mod
     from tests.conftest import TINY_TEACHER
 
     saved: list[int] = []

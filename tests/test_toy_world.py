@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from senseflow.toy.render import IMAGE_SIZE, MIN_GAP, place, render
-from senseflow.toy.world import (
+from senseflow.families.toy.render import IMAGE_SIZE, MIN_GAP, place, render
+from senseflow.families.toy.world import (
     COLOURS,
     HELD_OUT_PAIRS,
     SPLITS,

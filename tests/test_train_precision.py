@@ -57,8 +57,8 @@ def test_bf16_teacher_is_stored_in_bf16_and_answers_in_fp32(tiny_teacher_dir, tm
     level = torch.tensor([0.8, 0.3])
     cond = run.adapter.encode_prompts(["a small red circle", "a large blue square above a small red circle"])
     guidance = torch.tensor([3.0, 3.0])
-    out = run._guided(x, level, cond, guidance)
-    ref = fp32._guided(x, level, cond, guidance)
+    out = run.guided(x, level, cond, guidance)
+    ref = fp32.guided(x, level, cond, guidance)
     assert out.dtype == torch.float32
     assert not torch.equal(out, ref)
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)

@@ -67,16 +67,14 @@ def test_ida_moves_fake_toward_generator(tiny_teacher_dir, tmp_path, monkeypatch
 
 
 def test_ida_refuses_mismatched_networks(tiny_teacher_dir, tmp_path, monkeypatch):
-    from senseflow.models.toy import ToyAdapter
+    original = Distiller._build_networks
 
-    original = ToyAdapter.build_networks
-
-    def mismatched(self, *args, **kwargs):
-        nets = original(self, *args, **kwargs)
-        nets.fake_score.extra = torch.nn.Linear(2, 2)
+    def mismatched(self):
+        nets = original(self)
+        nets["fake_score"].extra = torch.nn.Linear(2, 2)
         return nets
 
-    monkeypatch.setattr(ToyAdapter, "build_networks", mismatched)
+    monkeypatch.setattr(Distiller, "_build_networks", mismatched)
     with pytest.raises(ValueError, match="extra"):
         Distiller(_cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=1"), progress=False)
 
@@ -200,14 +198,14 @@ def test_dmd2_head_trains_and_logs_finite_losses(tiny_teacher_dir, tmp_path, mon
     assert run.discriminator.input_space == "model"
     head0 = {k: v.clone() for k, v in run.discriminator.state_dict().items()}
     fake_grads_at_g_step = []
-    real_step = run._step
+    real_update = run.update
 
-    def spy(name, loss, params):
-        real_step(name, loss, params)
+    def spy(name, loss):
+        real_update(name, loss)
         if name == "generator":  # the adversarial term went through the fake network's activations
             fake_grads_at_g_step.append([p.grad for p in run.fake_score.parameters()])
 
-    monkeypatch.setattr(run, "_step", spy)
+    monkeypatch.setattr(run, "update", spy)
     run.run()
     assert fake_grads_at_g_step and all(g is None for g in fake_grads_at_g_step[0])
     assert any(not torch.equal(head0[k], v) for k, v in run.discriminator.state_dict().items())
@@ -246,8 +244,7 @@ def test_dmd2_head_loss_trains_the_fake_score(tiny_teacher_dir, tmp_path):
     # D's loss of iteration 1 on a fresh run, differentiated with respect to the fake score.
     run = Distiller(_cfg(tiny_teacher_dir, tmp_path / "c", *extra), progress=False)
     run.iteration = 1
-    images, prompts = run.data.batch(1)
-    x_real = run.adapter.encode_images(images[:2])
+    x_real, cond = run.inputs(run.data.batch(1))
     draws = draw_step(
         run.cfg.method,
         run.param,
@@ -260,13 +257,12 @@ def test_dmd2_head_loss_trains_the_fake_score(tiny_teacher_dir, tmp_path):
         disc_shape=tuple(x_real.shape[1:]),
         disc_noised=True,
     )
-    cond = run.adapter.encode_prompts(prompts[:2])
-    x_in = run._input(x_real, draws, cond)
+    x_in = run.step.generator_input(x_real, draws, cond)
     level_j = run.levels[draws.anchor_index]
     with torch.no_grad():
-        x0 = run.param.x0_from_output(x_in, run._predict(run.generator, x_in, level_j, cond), level_j)
+        x0 = run.param.x0_from_output(x_in, run.predict(run.generator, x_in, level_j, cond), level_j)
     with run.discriminator.fake_in_graph():
-        d_loss, _ = run._discriminator_loss(x_real, x0, cond, level_j, draws)
+        d_loss, _ = run.step.discriminator_loss(x_real, x0, cond, level_j, draws)
     names, params = zip(*run.fake_score.named_parameters(), strict=True)
     d_grads = torch.autograd.grad(d_loss, params, allow_unused=True)
     reached = 0

@@ -9,10 +9,10 @@ from senseflow.config.loader import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from senseflow.demo import add_parser as add_demo
     from senseflow.eval.cli import add_parser as add_eval
+    from senseflow.experiments.toy.cli import add_parser as add_toy
+    from senseflow.experiments.toy.demo import add_parser as add_demo
     from senseflow.generate import add_parser as add_generate
-    from senseflow.toy.cli import add_parser as add_toy
     from senseflow.train.cli import add_parser as add_train
 
     parser = argparse.ArgumentParser(

@@ -11,45 +11,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from senseflow.config import load_config
 from senseflow.config.schema import DistillConfig
-from senseflow.devices import module_device, resolve_device, to_dtype
-from senseflow.method import student_sample
+from senseflow.devices import resolve_device, to_dtype
 from senseflow.models import build_adapter
-from senseflow.models.adapter import FamilyAdapter
+from senseflow.models.build import build_generator
+from senseflow.models.sampling import student_images
 from senseflow.train import checkpoint as ckpt
-
-
-@torch.no_grad()
-def few_step_sample(
-    adapter: FamilyAdapter,
-    generator: nn.Module,
-    anchor_levels: Tensor,
-    sample_shape: tuple[int, ...],
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    mode: str,
-) -> Tensor:
-    """Decoded student images in [-1, 1] (NCHW), one per (prompt, seed).
-
-    Each sample owns one random stream seeded by its seed: the initial noise first, then the
-    fresh noise of every renoising step, so a batch's composition never changes an image.
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def fresh(like: Tensor) -> Tensor:
-        return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g) for g in streams]).to(like)
-
-    device = module_device(generator)
-    noise = fresh(torch.empty(len(seeds), *sample_shape, device=device))
-    cond = adapter.encode_prompts(list(prompts))
-    fn = lambda x, level: adapter.forward(generator, x, level, cond)  # noqa: E731
-    x0 = student_sample(fn, noise, anchor_levels.to(device), adapter.param, mode, generator=fresh)
-    return adapter.decode(x0).float().clamp(-1, 1)
 
 
 class Student:
@@ -66,8 +36,8 @@ class Student:
         self.device = resolve_device(device, field="device")
         self.adapter = build_adapter(cfg).to(self.device)
         dtype = to_dtype(cfg.precision.param_dtype, "precision.param_dtype")
-        generator = self.adapter.build_generator(dtype)
-        self.generator = generator.eval().requires_grad_(False).to(self.device)
+        generator = build_generator(self.adapter, dtype, self.device)
+        self.generator = generator.eval().requires_grad_(False)
         self.generator.load_state_dict(generator_weights, strict=True)
         self.anchor_levels = self.adapter.param.anchor_levels(self.adapter.anchors).to(self.device)
 
@@ -88,13 +58,12 @@ class Student:
         self, prompts: Sequence[str], seeds: Sequence[int], mode: str = "renoise", batch_size: int = 64
     ) -> Tensor:
         """Decoded images in [-1, 1] (NCHW); ``mode`` is 'renoise' or 'euler'."""
-        shape = self.adapter.sample_shape(self.cfg.data.resolution)
         out = [
-            few_step_sample(
+            student_images(
                 self.adapter,
                 self.generator,
                 self.anchor_levels,
-                shape,
+                self.cfg.data.resolution,
                 prompts[i : i + batch_size],
                 seeds[i : i + batch_size],
                 mode,

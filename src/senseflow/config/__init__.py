@@ -4,96 +4,20 @@ Typical use::
 
     from senseflow.config import load_config, save_resolved
 
-    cfg = load_config("configs/sd35_large.yaml", ["optim.generator.lr=2e-6", "method.ida.enabled=false"])
+    cfg = load_config("sd35_large", ["optim.generator.lr=2e-6", "method.ida.enabled=false"])
     save_resolved(cfg, f"{cfg.output_dir}/config.yaml")
+
+Every recipe section (:mod:`~senseflow.config.schema`) and the registries of names a recipe may use
+(:mod:`~senseflow.config.registry`) are re-exported here.
 """
 
-from senseflow.config.loader import (
-    BASE_KEY,
-    ConfigError,
-    apply_overrides,
-    deep_merge,
-    dump_config,
-    field_error,
-    flatten_config,
-    format_validation_error,
-    load_config,
-    read_recipe,
-    save_resolved,
-    validate,
-)
-from senseflow.config.schema import (
-    ANCHOR_UNITS,
-    AnchorsConfig,
-    CheckpointConfig,
-    DataConfig,
-    DistillConfig,
-    DMDConfig,
-    Dtype,
-    FakeScoreConfig,
-    GANConfig,
-    GuidanceRange,
-    IDAConfig,
-    ISGConfig,
-    LoggingConfig,
-    LogitNormalDist,
-    MethodConfig,
-    ModelConfig,
-    OptimConfig,
-    OptimizerConfig,
-    ParallelConfig,
-    PrecisionConfig,
-    ScheduleConfig,
-    TimestepDist,
-    UniformDist,
-    UniformIndexDist,
-    known_data_kinds,
-    known_families,
-    looks_like_local_path,
-    register_data_kind,
-    register_family,
-)
+from senseflow.config import loader as _loader
+from senseflow.config import recipes as _recipes
+from senseflow.config import registry as _registry
+from senseflow.config import schema as _schema
+from senseflow.config.loader import *  # noqa: F403
+from senseflow.config.recipes import *  # noqa: F403
+from senseflow.config.registry import *  # noqa: F403
+from senseflow.config.schema import *  # noqa: F403
 
-__all__ = [
-    "ANCHOR_UNITS",
-    "BASE_KEY",
-    "AnchorsConfig",
-    "CheckpointConfig",
-    "ConfigError",
-    "DMDConfig",
-    "DataConfig",
-    "DistillConfig",
-    "Dtype",
-    "FakeScoreConfig",
-    "GANConfig",
-    "GuidanceRange",
-    "IDAConfig",
-    "ISGConfig",
-    "LoggingConfig",
-    "LogitNormalDist",
-    "MethodConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "OptimizerConfig",
-    "ParallelConfig",
-    "PrecisionConfig",
-    "ScheduleConfig",
-    "TimestepDist",
-    "UniformDist",
-    "UniformIndexDist",
-    "apply_overrides",
-    "deep_merge",
-    "dump_config",
-    "field_error",
-    "flatten_config",
-    "format_validation_error",
-    "known_data_kinds",
-    "known_families",
-    "load_config",
-    "looks_like_local_path",
-    "read_recipe",
-    "register_data_kind",
-    "register_family",
-    "save_resolved",
-    "validate",
-]
+__all__ = [*_loader.__all__, *_recipes.__all__, *_registry.__all__, *_schema.__all__]

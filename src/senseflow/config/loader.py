@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from senseflow.config.errors import ConfigError, field_error, format_validation_error, suggest
+from senseflow.config.recipes import resolve_recipe, shipped_recipes
 
 __all__ = [
     "BASE_KEY",
@@ -64,7 +65,10 @@ def _yaml_load_file(path: Path) -> Any:
             hint = suggest(
                 path.name, (p.name for p in path.parent.iterdir() if p.suffix in {".yaml", ".yml"})
             )
-        raise ConfigError(f"recipe file not found: '{path}'{hint}") from None
+        raise ConfigError(
+            f"recipe file not found: '{path}'{hint} (shipped recipes, usable by name: "
+            f"{', '.join(shipped_recipes())})"
+        ) from None
     except IsADirectoryError:
         raise ConfigError(f"recipe path is a directory, expected a YAML file: '{path}'") from None
     except OSError as exc:
@@ -109,8 +113,9 @@ def _resolve_bases(
     merged: dict[str, Any] = {}
     for name in bases:
         parent = Path(os.path.expanduser(name))
-        if not parent.is_absolute():
-            parent = base_dir / parent
+        if not parent.is_absolute():  # beside the recipe, else a shipped recipe of that name
+            local = base_dir / parent
+            parent = local if local.exists() else resolve_recipe(name)
         merged = deep_merge(merged, _read_file(parent, stack))
     return deep_merge(merged, data)
 
@@ -258,6 +263,8 @@ def load_config(
         overrides = ()
     elif isinstance(overrides, str):
         overrides = [overrides]
+    if not isinstance(source, Mapping):
+        source = resolve_recipe(source)
     label = "<mapping>" if isinstance(source, Mapping) else os.fspath(source)
     try:
         data = read_recipe(source, base_dir=base_dir)

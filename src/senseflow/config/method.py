@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
 
 from senseflow.config.common import GuidanceRange, PositiveInt, TimestepDist, _Section
-from senseflow.config.errors import field_error
+from senseflow.config.errors import field_error, suggest
+from senseflow.config.registry import discriminator_spec, known_discriminators
 
 __all__ = [
     "DMDConfig",
@@ -145,12 +146,12 @@ class ISGConfig(_Section):
 class GANConfig(_Section):
     """Adversarial term (§8)."""
 
-    type: Literal["vfm", "dmd2_head", "toy", "none"] = Field(
+    type: str = Field(
         default="vfm",
         description=(
-            "vfm: frozen DINOv2 + trained heads, hinge loss (SenseFlow, §8.1); dmd2_head: classifier on "
-            "the fake score's bottleneck, non-saturating loss (vanilla DMD2, §8.2); "
-            "toy: small test discriminator; none: off."
+            "Discriminator registry key: vfm: frozen DINOv2 + trained heads, hinge loss (SenseFlow, §8.1); "
+            "dmd2_head: classifier on the fake score's features, non-saturating loss (vanilla DMD2, §8.2); "
+            "toy: small test discriminator; none: off; or one added with register_discriminator()."
         ),
     )
     weight: NonNegativeFloat | None = Field(
@@ -210,6 +211,16 @@ class GANConfig(_Section):
         ),
     )
 
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        known = known_discriminators()
+        if value not in known:
+            raise ValueError(
+                f"unknown discriminator {value!r}, expected one of {', '.join(known)}{suggest(value, known)}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _required(self) -> Self:
         if self.type != "none" and self.weight is None:
@@ -219,7 +230,22 @@ class GANConfig(_Section):
                 "time_weight",
                 "required when type is 'vfm' (alpha_sq, mirror_sigma_sq, sqrt_alphabar or constant)",
             )
+        spec = discriminator_spec(self.type)
+        reads = spec.reads if spec is not None else frozenset()
+        for name in _DISCRIMINATOR_FIELDS - reads:
+            if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                raise field_error(
+                    name,
+                    f"not read by discriminator '{self.type}'; remove it (it reads "
+                    f"{', '.join(sorted(reads)) or 'none of ' + ', '.join(sorted(_DISCRIMINATOR_FIELDS))})",
+                )
         return self
+
+
+# Fields that only some discriminators read (each declares which in its registry entry).
+_DISCRIMINATOR_FIELDS = frozenset(
+    {"backbone", "feature_blocks", "text_encoder", "reference_encoder", "head_trains_fake"}
+)
 
 
 class MethodConfig(_Section):

@@ -5,13 +5,13 @@ shared by all families (or a project decision); family-specific values (anchors,
 distributions, guidance ranges, IDA lambda, ISG and GAN weights, iterations) are required and come from
 the recipes in ``configs/``. Section numbers (``§n``) refer to the spec.
 
-Extension points: :func:`register_family` and :func:`register_data_kind` let the model-adapter and data
-registries add names without editing this file.
+Extension points: the registries of :mod:`~senseflow.config.registry` (families with their recipe rules,
+data kinds, discriminators) add names and rules without editing this file.
 
 The sections live in submodules: :mod:`~senseflow.config.common` (base class, guidance, timestep
 distributions, anchors), :mod:`~senseflow.config.method` (``method``) and :mod:`~senseflow.config.runtime`
-(optim, schedule, precision, parallel, logging, checkpoint, health). This module holds the family and
-data-kind registries, ``model``, ``data`` and the root :class:`DistillConfig`, and re-exports every section.
+(optim, schedule, precision, parallel, logging, checkpoint, health). This module holds ``model``,
+``data`` and the root :class:`DistillConfig`, and re-exports every section.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import itertools
 import os
 from typing import Any, Literal, Self
 
-from pydantic import Field, NonNegativeInt, field_validator, model_validator
+from pydantic import BaseModel, Field, NonNegativeInt, field_validator, model_validator
 
 from senseflow.config.common import (
     ANCHOR_UNITS,
@@ -43,6 +43,12 @@ from senseflow.config.method import (
     IDAConfig,
     ISGConfig,
     MethodConfig,
+)
+from senseflow.config.registry import (
+    data_kind_spec,
+    family_spec,
+    known_data_kinds,
+    known_families,
 )
 from senseflow.config.runtime import (
     CheckpointConfig,
@@ -81,43 +87,8 @@ __all__ = [
     "TimestepDist",
     "UniformDist",
     "UniformIndexDist",
-    "known_data_kinds",
-    "known_families",
     "looks_like_local_path",
-    "register_data_kind",
-    "register_family",
 ]
-
-# --------------------------------------------------------------------------------------------------
-# Registries of names validated as plain strings
-# --------------------------------------------------------------------------------------------------
-
-_FAMILIES: dict[str, None] = dict.fromkeys(("toy", "sdxl", "sd3", "flux"))
-_DATA_KINDS: dict[str, None] = dict.fromkeys(("toy", "json", "latent_lmdb"))
-
-
-def register_family(name: str) -> None:
-    """Declare a model family key (called by the model-adapter registry for new adapters)."""
-    if not name or not isinstance(name, str):
-        raise ValueError("family name must be a non-empty string")
-    _FAMILIES[name] = None
-
-
-def known_families() -> tuple[str, ...]:
-    """Family keys accepted by ``model.family``: built-ins (toy, sdxl, sd3, flux) plus registered ones."""
-    return tuple(_FAMILIES)
-
-
-def register_data_kind(name: str) -> None:
-    """Declare a dataset kind key (called by the data registry for new dataset readers)."""
-    if not name or not isinstance(name, str):
-        raise ValueError("data kind must be a non-empty string")
-    _DATA_KINDS[name] = None
-
-
-def known_data_kinds() -> tuple[str, ...]:
-    """Dataset kinds accepted by ``data.kind``: built-ins (toy, json, latent_lmdb) plus registered ones."""
-    return tuple(_DATA_KINDS)
 
 
 def _check_name(value: str, known: tuple[str, ...], what: str) -> str:
@@ -128,18 +99,15 @@ def _check_name(value: str, known: tuple[str, ...], what: str) -> str:
     return value
 
 
-# Built-in family rules used by the cross-field checks (unknown/registered families are not checked).
-_FAMILY_ANCHOR_UNITS: dict[str, tuple[str, ...]] = {
-    "sdxl": ("ddpm_t",),
-    "sd3": ("index", "t", "sigma"),
-    "flux": ("index", "t", "sigma"),
-}
-_FAMILY_GUIDANCE_KINDS: dict[str, tuple[str, ...]] = {
-    "sdxl": ("cfg",),
-    "sd3": ("cfg",),
-    "flux": ("embedding", "cfg"),
-}
-_FAMILY_RESOLUTION_MULTIPLE: dict[str, int] = {"sdxl": 8, "sd3": 16, "flux": 16}
+def unread_fields_set(section: BaseModel, reads: frozenset[str], always: frozenset[str]) -> list[str]:
+    """Fields of ``section`` that differ from their default although nothing will read them."""
+    out = []
+    for name, info in type(section).model_fields.items():
+        if name in reads or name in always:
+            continue
+        if getattr(section, name) != info.get_default(call_default_factory=True):
+            out.append(name)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,14 +162,20 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _family_rules(self) -> Self:
-        if self.teacher is None and self.family != "toy":
+        spec = family_spec(self.family)
+        if spec is None:
+            return self
+        if self.teacher is None and spec.needs_teacher:
             raise field_error("teacher", f"required for family '{self.family}' (a local folder or a hub id)")
-        allowed = _FAMILY_ANCHOR_UNITS.get(self.family)
-        if allowed is not None and self.anchors.units not in allowed:
+        if self.revision is not None and not spec.hub:
+            raise field_error(
+                "revision", f"family '{self.family}' loads a local folder and has no hub revision; remove it"
+            )
+        if spec.anchor_units and self.anchors.units not in spec.anchor_units:
             raise field_error(
                 "anchors.units",
                 f"'{self.anchors.units}' does not fit family '{self.family}'; "
-                f"expected one of {', '.join(allowed)}",
+                f"expected one of {', '.join(spec.anchor_units)}",
             )
         return self
 
@@ -222,7 +196,7 @@ class DataConfig(_Section):
     )
     path: str | None = Field(
         default=None,
-        description="Dataset file or folder; required for every kind except 'toy'. Not checked here.",
+        description="Dataset file or folder; required by kinds that read files (not by 'toy').",
     )
     resolution: PositiveInt = Field(
         default=1024, description="Training image side in pixels; 1024 in every recipe (§9)."
@@ -240,9 +214,19 @@ class DataConfig(_Section):
         return _check_name(value, known_data_kinds(), "data kind")
 
     @model_validator(mode="after")
-    def _path_required(self) -> Self:
-        if self.path is None and self.kind != "toy":
+    def _kind_rules(self) -> Self:
+        spec = data_kind_spec(self.kind)
+        if spec is None:
+            return self
+        if self.path is None and spec.needs_path:
             raise field_error("path", f"required for data kind '{self.kind}'")
+        unread = unread_fields_set(self, spec.reads, frozenset({"kind", "resolution", "batch_size"}))
+        if unread:
+            raise field_error(
+                unread[0],
+                f"data kind '{self.kind}' does not read it; remove it (it reads: "
+                f"{', '.join(sorted(spec.reads)) or 'no optional field'})",
+            )
         return self
 
 
@@ -286,19 +270,27 @@ class DistillConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:
         family = self.model.family
-        kinds = _FAMILY_GUIDANCE_KINDS.get(family)
-        if kinds is not None and self.method.dmd.guidance_kind not in kinds:
-            raise field_error(
-                "method.dmd.guidance_kind",
-                f"'{self.method.dmd.guidance_kind}' does not fit family '{family}'; "
-                f"expected one of {', '.join(kinds)}",
-            )
-        multiple = _FAMILY_RESOLUTION_MULTIPLE.get(family)
-        if multiple is not None and self.data.resolution % multiple:
-            raise field_error(
-                "data.resolution",
-                f"expected a multiple of {multiple} for family '{family}', got {self.data.resolution}",
-            )
+        spec = family_spec(family)
+        if spec is not None:
+            guidance = self.method.dmd.guidance_kind
+            if spec.guidance_kinds and guidance not in spec.guidance_kinds:
+                raise field_error(
+                    "method.dmd.guidance_kind",
+                    f"'{guidance}' does not fit family '{family}'; expected one of "
+                    f"{', '.join(spec.guidance_kinds)}",
+                )
+            if self.data.resolution % spec.resolution_multiple:
+                raise field_error(
+                    "data.resolution",
+                    f"expected a multiple of {spec.resolution_multiple} for family '{family}', "
+                    f"got {self.data.resolution}",
+                )
+            if spec.data_kinds is not None and self.data.kind not in spec.data_kinds:
+                raise field_error(
+                    "data.kind",
+                    f"'{self.data.kind}' does not fit family '{family}'; expected one of "
+                    f"{', '.join(spec.data_kinds)}",
+                )
         isg = self.method.isg
         grid = self.model.anchors.grid_values()
         if isg.weight > 0 and isg.margin is not None and grid is not None:

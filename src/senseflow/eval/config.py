@@ -62,13 +62,14 @@ class ModelEntry(_Section):
 
     name: str = Field(description="Row label in the table; also names its image folder.")
     kind: str = Field(
-        description="Image source (see senseflow.eval.sources): toy_teacher, student (a senseflow run) "
-        "or folder (images generated elsewhere, named <index>.png in prompt order)."
+        description="Image source (see senseflow.eval.sources): teacher (any family's teacher, from a "
+        "distillation recipe), toy_teacher, student (a senseflow run) or folder (images generated "
+        "elsewhere, named <index>.png in prompt order)."
     )
     path: str | None = Field(
         None,
-        description="toy_teacher: teacher folder (null: the shipped one); student: run folder; "
-        "folder: image folder.",
+        description="teacher: distillation recipe (a path or a shipped name); toy_teacher: teacher folder "
+        "(null: the shipped one); student: run folder; folder: image folder.",
     )
     checkpoint: str | None = Field(None, description="student: checkpoint folder (default: the newest).")
     sampler: str | None = Field(None, description="student: renoise | euler; teachers: their own sampler.")

@@ -46,7 +46,7 @@ def load_prompts(cfg: EvalConfig) -> PromptSet:
         "selection_model": None,
     }
     if pc.kind == "toy":
-        from senseflow.toy.quality import PromptSet as ToyPrompts
+        from senseflow.metrics.shapes.quality import PromptSet as ToyPrompts
 
         prompts = ToyPrompts.sample(pc.toy_splits, pc.toy_per_split, seed=pc.toy_seed).prompts
         info.update(
@@ -249,7 +249,7 @@ class Panel:
 
     def _toy_features(self, images: ImageSet, pixels: Any = None) -> Any:
         """Toy features of an image set, computed once per set (the reference's serve every model)."""
-        from senseflow.toy.features import extract_features
+        from senseflow.metrics.shapes.features import extract_features
 
         if images.folder not in self._toy_cache:
             self._toy_cache[images.folder] = extract_features(images.load() if pixels is None else pixels)
@@ -257,8 +257,8 @@ class Panel:
 
     def _toy(self, images: ImageSet, reference: ImageSet | None, per_image: list[dict]) -> dict[str, Any]:
         from senseflow.metrics.frechet import fid_from_features
-        from senseflow.toy.evaluator import parse_prompt, score_image, summarise
-        from senseflow.toy.features import FEATURE_DIM
+        from senseflow.metrics.shapes.evaluator import parse_prompt, score_image, summarise
+        from senseflow.metrics.shapes.features import FEATURE_DIM
 
         pixels = images.load()
         scenes = [parse_prompt(p) for p in images.prompts]
@@ -272,6 +272,6 @@ class Panel:
         return {
             "fid_t": fid,
             "accuracy": accuracy,
-            "features": f"toy seeded random conv ({FEATURE_DIM}-d, senseflow.toy.features)",
-            "evaluator": "senseflow.toy.evaluator (rule-based)",
+            "features": f"toy seeded random conv ({FEATURE_DIM}-d, senseflow.metrics.shapes.features)",
+            "evaluator": "senseflow.metrics.shapes.evaluator (rule-based)",
         }

@@ -78,11 +78,12 @@ def _sha256_of_files(paths: Sequence[Path]) -> str:
 
 
 class ToyTeacherSource(ImageSource):
-    """The shapes world's teacher with its N-step Euler sampler and classifier-free guidance."""
+    """The shapes world's teacher with its N-step Euler sampler and classifier-free guidance; steps and
+    guidance default to its folder's recipe (the family-generic ``teacher`` kind needs them given)."""
 
     def __init__(self, entry: ModelEntry, device: str):
         super().__init__(entry)
-        from senseflow.toy.pipeline import ToyTeacher
+        from senseflow.families.toy.pipeline import ToyTeacher
 
         if entry.checkpoint is not None or entry.sampler not in (None, "euler"):
             raise ValueError(
@@ -108,6 +109,62 @@ class ToyTeacherSource(ImageSource):
         return self.teacher.sample(
             list(prompts), list(seeds), steps=self.steps, guidance=self.guidance, batch_size=len(prompts)
         )
+
+
+class TeacherSource(ImageSource):
+    """Any family's teacher, named by a distillation recipe (its ``model`` section: family, folder,
+    anchors), sampled with its own N-step sampler and guidance through the family's adapter: the same
+    :func:`~senseflow.models.sampling.teacher_sample` that reports and training use."""
+
+    def __init__(self, entry: ModelEntry, device: str):
+        super().__init__(entry)
+        from senseflow.config import load_config
+        from senseflow.devices import resolve_device, to_dtype
+        from senseflow.models import build_adapter
+        from senseflow.models.build import build_unsharded
+
+        if not entry.path or entry.steps is None or entry.guidance is None:
+            raise ValueError(
+                f"model {entry.name!r}: kind 'teacher' needs 'path' (a distillation recipe, e.g. "
+                "toy/distill or sd35_large), 'steps' and 'guidance'"
+            )
+        if entry.checkpoint is not None or entry.sampler not in (None, "teacher"):
+            raise ValueError(
+                f"model {entry.name!r}: a teacher samples with its own sampler and has no checkpoint"
+            )
+        self.cfg = load_config(entry.path)
+        self.device = resolve_device(device, field=f"model {entry.name!r}: device")
+        self.adapter = build_adapter(self.cfg).to(self.device)
+        dtype = to_dtype(self.cfg.precision.teacher_dtype, "precision.teacher_dtype")
+        self.net = build_unsharded(self.adapter, ("teacher",), dtype, dtype, self.device)["teacher"]
+
+    def identity(self) -> dict[str, Any]:
+        resolution = self.cfg.data.resolution
+        return {
+            "kind": "teacher",
+            "family": self.cfg.model.family,
+            "checkpoint_sha256": _sha256_of_files(self.adapter.weight_files()),
+            "sampler": "teacher",
+            "steps": self.entry.steps,
+            "nfe": self.entry.steps * (1 if self.entry.guidance == 1.0 else 2),
+            "guidance": self.entry.guidance,
+            "resolution": [resolution, resolution],
+        }
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        from senseflow.models.sampling import teacher_sample
+
+        images = teacher_sample(
+            self.adapter,
+            self.net,
+            list(prompts),
+            list(seeds),
+            self.entry.steps,
+            self.entry.guidance,
+            self.cfg.data.resolution,
+            batch_size=len(prompts),
+        )
+        return images.cpu()
 
 
 class StudentSource(ImageSource):
@@ -195,5 +252,6 @@ class FolderSource(ImageSource):
 
 
 register_source("toy_teacher", ToyTeacherSource)
+register_source("teacher", TeacherSource)
 register_source("student", StudentSource)
 register_source("folder", FolderSource)

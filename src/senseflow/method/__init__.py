@@ -17,6 +17,7 @@ from senseflow.method.diffaug import DiffAugParams, diffaug, draw_diffaug_params
 from senseflow.method.dmd import DMDOutput, dmd_loss, draw_guidance, sample_levels
 from senseflow.method.fake_score import fake_score_loss
 from senseflow.method.gan import (
+    GAN_LOSSES,
     TimeWeight,
     hinge_d_loss,
     hinge_g_loss,
@@ -36,6 +37,7 @@ from senseflow.method.isg import (
 )
 
 __all__ = [
+    "GAN_LOSSES",
     "DMDOutput",
     "DiffAugParams",
     "ISGTargets",

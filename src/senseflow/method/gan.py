@@ -17,6 +17,7 @@ from torch import Tensor
 from senseflow.core.parameterisation import Parameterisation
 
 __all__ = [
+    "GAN_LOSSES",
     "TimeWeight",
     "hinge_d_loss",
     "hinge_g_loss",
@@ -86,3 +87,10 @@ def nonsaturating_d_loss(real_logits: Tensor, fake_logits: Tensor, weights: Tens
 def nonsaturating_g_loss(fake_logits: Tensor, weights: Tensor | None = None) -> Tensor:
     """DMD2's generator loss (§8.2): mean_b ω_b·mean softplus(−D(fake_b))."""
     return _weighted_mean(_per_sample(F.softplus(-fake_logits.float())), weights)
+
+
+# The losses a discriminator declares it is trained with: (generator loss, discriminator loss).
+GAN_LOSSES = {
+    "hinge": (hinge_g_loss, hinge_d_loss),
+    "nonsaturating": (nonsaturating_g_loss, nonsaturating_d_loss),
+}

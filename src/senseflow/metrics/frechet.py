@@ -2,7 +2,7 @@
 
 ``FID = ||mu1 - mu2||² + tr(C1 + C2 - 2 (C1 C2)^½)`` is the squared 2-Wasserstein distance between
 the Gaussians N(mu1, C1) and N(mu2, C2) fitted to two sets of features (Inception-v3 pool features
-for real FID, :mod:`senseflow.toy.features` in the toy world). Nothing here depends on where the
+for real FID, :mod:`senseflow.metrics.shapes.features` in the toy world). Nothing here depends on where the
 features come from.
 
 * :class:`FeatureStats` accumulates the mean and covariance of a feature stream in float64, batch by

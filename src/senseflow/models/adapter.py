@@ -1,88 +1,86 @@
 """The one interface between the generic trainer and a teacher family.
 
 An adapter wraps a family's diffusers classes and answers every family-specific question the loop
-would otherwise branch on: how networks are built from the teacher (FLUX drops its guidance
-embedding), how prompts are encoded, how a network is called and with which timestep convention,
-how guidance is applied (CFG with an unconditional pass, or a guidance embedding), how images map
-to the model space (a VAE, or the identity in the toy world) and how modules are wrapped for
-parallelism. Adding a family means one adapter, one recipe and tests; the loop stays as it is.
+would otherwise branch on:
+
+* **networks**: which class and config each role (teacher, generator, fake score) is built from,
+  and which weights it starts from (FLUX's student drops the guidance embedding). Networks are
+  built without weights on the meta device; the trainer shards them and only then loads weights
+  (:mod:`senseflow.models.build`), so no rank ever holds three whole copies before sharding;
+* **conditioning**: prompt encoding with the family's frozen text encoders (or cached encodings);
+* **the network call**: the forward signature and the timestep convention;
+* **guidance**: CFG with one batched cond+uncond pass, or a guidance input (``guidance_kind``,
+  taken from the recipe and checked against the family's registry entry);
+* **the codec** (edm2's split): ``encode_pixels`` (pixels to raw latents: the expensive VAE pass,
+  run offline into a cache or online when a batch has no latents), ``to_model`` (raw latents to
+  the model space: scale and shift, cheap, every step, so a wrong factor never forces a re-encode)
+  and ``decode`` (model space to pixels, differentiable, in chunks);
+* **the parallel plan**: the units FSDP2 shards one by one, and gradient checkpointing;
+* **feature taps**: the blocks a discriminator head may read (a DiT's blocks, a UNet's bottleneck).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from senseflow.core.parameterisation import Parameterisation
+from senseflow.core.sampling import CfgConvention, combine_guidance
 from senseflow.core.timesteps import Anchors
-from senseflow.devices import module_device, module_dtype
-from senseflow.sampling import CfgConvention, combine_guidance
+from senseflow.devices import module_dtype
+from senseflow.models.batch import Batch, Conditioning
 
 Role = Literal["teacher", "generator", "fake_score", "discriminator"]
+NETWORK_ROLES: tuple[Role, ...] = ("teacher", "generator", "fake_score")
 
 
 @dataclass(frozen=True)
-class Conditioning:
-    """Encoded prompts of a batch: named tensors whose first dimension is the batch."""
+class FeatureTap:
+    """A block whose output a discriminator head may read, with the width of its features."""
 
-    tensors: dict[str, Tensor]
-
-    def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
-
-    def cat(self, other: Conditioning) -> Conditioning:
-        return Conditioning({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
-
-    def select(self, index: Tensor | slice) -> Conditioning:
-        return Conditioning({k: v[index] for k, v in self.tensors.items()})
-
-    def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        """Moved to ``device``; floating tensors (not token ids or masks) cast to ``dtype``."""
-        return Conditioning(
-            {
-                k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-                for k, v in self.tensors.items()
-            }
-        )
-
-
-@dataclass
-class Networks:
-    """The teacher (frozen), and the generator and fake score initialised from its weights."""
-
-    teacher: nn.Module
-    generator: nn.Module
-    fake_score: nn.Module
+    module: nn.Module
+    width: int
 
 
 class FamilyAdapter(ABC):
     param: Parameterisation
-    anchors: Anchors
-    guidance_kind: str  # "cfg" (unconditional pass) or "embedding" (guidance input)
+    anchors: Anchors | None
+    guidance_kind: Literal["cfg", "embedding"] = "cfg"
     cfg_convention: CfgConvention = "uncond_plus"
+    decode_chunk: int = 8  # samples decoded at once (a VAE decode at 1024 px is memory-bound)
+
+    # ------------------------------------------------------------------ networks
 
     @abstractmethod
-    def build_networks(
-        self, teacher_dtype: torch.dtype = torch.float32, train_dtype: torch.dtype = torch.float32
-    ) -> Networks:
-        """Load the teacher and initialise generator and fake score from its weights.
+    def network_spec(self, role: Role) -> tuple[type[nn.Module], dict[str, Any]]:
+        """The diffusers class and config a role's network is built from (no weights)."""
 
-        The dtypes are storage dtypes, passed to ``from_pretrained`` (so modules a model keeps in
-        float32 stay there): ``train_dtype`` for generator and fake score.
-        """
+    @abstractmethod
+    def weight_files(self) -> list[Path]:
+        """The teacher network's safetensors files (every role starts from them)."""
 
-    def build_generator(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The generator network alone (to load a student's weights into); families may avoid
-        loading the teacher and fake score for it."""
-        return self.build_networks(dtype, dtype).generator
+    def initial_weights(self, role: Role, teacher: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The weights a role starts from, given the teacher's (the identity unless a family drops or
+        renames entries for its student)."""
+        return teacher
+
+    # ------------------------------------------------------------------ conditioning and calls
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Encode prompts with the family's text encoders (frozen, no grad)."""
+
+    def conditioning(self, batch: Batch) -> Conditioning:
+        """The batch's cached encodings when it has them, else the prompts encoded now."""
+        if batch.conditioning is not None:
+            return batch.conditioning
+        return self.encode_prompts(batch.prompts)
 
     @abstractmethod
     def predict(
@@ -102,15 +100,6 @@ class FamilyAdapter(ABC):
         """Move what the adapter itself holds (text encoders, autoencoder) to ``device``."""
         return self
 
-    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
-        """Recompute ``net``'s activations in the backward pass (diffusers models support it)."""
-        enable = getattr(net, "enable_gradient_checkpointing", None)
-        if enable is None:
-            raise ValueError(
-                f"parallel.gradient_checkpointing: {type(net).__name__} has no enable_gradient_checkpointing"
-            )
-        enable()
-
     def forward(
         self, net: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor | None = None
     ) -> Tensor:
@@ -122,14 +111,6 @@ class FamilyAdapter(ABC):
         dtype = module_dtype(net)
         out = self.predict(net, x_t.to(dtype), level, cond.to(dtype=dtype), guidance)
         return out.float()
-
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Data images in [-1, 1] (NCHW) to the model space; the identity for pixel-space teachers."""
-        return images
-
-    def decode(self, x: Tensor) -> Tensor:
-        """Model space back to RGB in [-1, 1]; differentiable (the discriminator needs gradients)."""
-        return x
 
     def guided_predict(
         self, net: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, scale: Tensor
@@ -145,6 +126,38 @@ class FamilyAdapter(ABC):
         c, u = out.chunk(2)
         w = scale.view(-1, *([1] * (c.ndim - 1))).to(c.dtype)
         return combine_guidance(c, u, w, self.cfg_convention)
+
+    def sampling_levels(self, steps: int) -> Tensor:
+        """The ``steps + 1`` levels of the teacher's own N-step sampler, ending at the clean level."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its teacher sampler's levels")
+
+    # ------------------------------------------------------------------ codec
+
+    def encode_pixels(self, images: Tensor) -> Tensor:
+        """Pixels in [-1, 1] (NCHW) to raw latents (the VAE pass; the identity in pixel space)."""
+        return images
+
+    def to_model(self, latents: Tensor) -> Tensor:
+        """Raw latents to the model space (scale and shift; the identity in pixel space)."""
+        return latents
+
+    def decode_model(self, x: Tensor) -> Tensor:
+        """Model space to RGB in [-1, 1] for one chunk; differentiable."""
+        return x
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Model space to RGB in [-1, 1], ``decode_chunk`` samples at a time; differentiable (the
+        discriminator's gradient reaches the generator through it)."""
+        if x.shape[0] <= self.decode_chunk:
+            return self.decode_model(x)
+        return torch.cat([self.decode_model(part) for part in x.split(self.decode_chunk)])
+
+    def model_inputs(self, batch: Batch) -> Tensor:
+        """The batch's real samples in the model space: from cached latents when it has them."""
+        latents = batch.latents if batch.latents is not None else self.encode_pixels(batch.images)
+        return self.to_model(latents)
+
+    # ------------------------------------------------------------------ parallel plan and features
 
     # Block lists of diffusers' DiTs and UNets: the units FSDP2 shards one by one before the root.
     SHARD_UNIT_ATTRIBUTES: tuple[str, ...] = (
@@ -166,28 +179,27 @@ class FamilyAdapter(ABC):
                 units.append(found)
         return units
 
-    def parallelize(self, module: nn.Module, strategy: str, role: Role) -> nn.Module:
-        """Prepare one network for data parallelism; returns what the trainer calls.
+    def enable_gradient_checkpointing(self, net: nn.Module) -> None:
+        """Recompute ``net``'s activations in the backward pass (diffusers models support it)."""
+        enable = getattr(net, "enable_gradient_checkpointing", None)
+        if enable is None:
+            raise ValueError(
+                f"parallel.gradient_checkpointing: {type(net).__name__} has no enable_gradient_checkpointing"
+            )
+        enable()
 
-        ``ddp``: the trainable networks in DistributedDataParallel, the frozen teacher as it is.
-        ``fsdp``: FSDP2 (``fully_shard``, FULL_SHARD) on every shard unit and the root for generator,
-        fake score and teacher (the official "G and guidance model"), the discriminator in DDP, as
-        in the official code. FSDP2 shards in place, so the returned module is ``module`` itself.
-        """
-        if strategy == "none" or not torch.distributed.is_initialized():
-            return module
-        if strategy == "fsdp" and role != "discriminator":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            world = torch.distributed.get_world_size()
-            mesh = init_device_mesh(module_device(module).type, (world,))  # the device the module is on
-            for unit in self.shard_units(module):
-                fully_shard(unit, mesh=mesh)
-            fully_shard(module, mesh=mesh)
-            return module
-        if strategy in ("ddp", "fsdp"):
-            if role == "teacher":  # frozen: nothing to synchronise
-                return module
-            return nn.parallel.DistributedDataParallel(module)
-        raise ValueError(f"parallel.strategy {strategy!r} is not supported by {type(self).__name__}")
+    def feature_taps(self, net: nn.Module) -> Sequence[FeatureTap]:
+        """Blocks a discriminator head may read: a DiT's (double-stream) ``transformer_blocks`` at its
+        inner width, or a UNet's bottleneck (``mid_block``, DMD2's choice on SDXL)."""
+        blocks = getattr(net, "transformer_blocks", None)
+        width = getattr(net, "inner_dim", None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) and width is not None:
+            return [FeatureTap(block, int(width)) for block in blocks]
+        mid = getattr(net, "mid_block", None)
+        channels = getattr(getattr(net, "config", None), "block_out_channels", None)
+        if isinstance(mid, nn.Module) and channels:
+            return [FeatureTap(mid, int(channels[-1]))]
+        raise ValueError(
+            f"{type(net).__name__} has no blocks a discriminator head can read (expected a DiT's "
+            "transformer_blocks or a UNet's mid_block); the family's adapter must name them in feature_taps"
+        )

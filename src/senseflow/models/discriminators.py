@@ -11,24 +11,17 @@ the same class in its own module.
 classification head on features of the fake score network, computed on inputs noised at a drawn
 level (DMD2's ``--diffusion_gan``).
 
-The interface the trainer relies on, shared by every discriminator:
-
-* ``input_space``: ``"pixels"`` (D sees decoded RGB in [-1, 1]: toy, VFM) or ``"model"`` (D sees
-  model-space samples, latents for latent teachers: the DMD2 head);
-* ``noised``: when True, ``forward(x, cond, level, noise)`` noises ``x`` itself with the given
-  (drawn) level and noise; otherwise ``forward(x, cond)``;
-* ``trainable_parameters()``: what D's optimizer holds;
-* ``shares_fake_update``: when True, D's loss also trains the fake score (one backward of the fake
-  loss plus D's loss, both optimisers step), computed inside ``fake_in_graph()``;
-* ``forward`` returns logits ``[B, ...]`` (averaged per sample by the losses).
+Every discriminator implements :class:`Discriminator` and is built by name through the registry
+(``method.gan.type``, :mod:`senseflow.config.registry`); the trainer never asks which one it has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,9 +29,40 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from senseflow.config.method import GANConfig
-from senseflow.models.adapter import Conditioning, FamilyAdapter
+from senseflow.config.registry import discriminator_spec, resolve_builder
+from senseflow.models.adapter import FamilyAdapter
+from senseflow.models.batch import Conditioning
 
 InputSpace = Literal["pixels", "model"]
+LossKind = Literal["hinge", "nonsaturating"]
+
+
+@runtime_checkable
+class Discriminator(Protocol):
+    """What the trainer relies on, shared by every discriminator.
+
+    * ``input_space``: ``"pixels"`` (D sees decoded RGB in [-1, 1]: toy, VFM) or ``"model"`` (D sees
+      model-space samples, latents for latent teachers: the DMD2 head), so the trainer decodes only
+      for a pixel-space D;
+    * ``loss``: the GAN loss it is trained with (``hinge``: SenseFlow's VFM; ``nonsaturating``: DMD2);
+    * ``noised``: when True, ``forward(x, cond, level, noise)`` noises ``x`` itself with the given
+      (drawn) level and noise; otherwise ``forward(x, cond)``;
+    * ``shares_fake_update``: when True, D's loss also trains the fake score (one backward of the fake
+      loss plus D's loss, both optimisers step), computed inside ``fake_in_graph()``;
+    * ``trainable_parameters()``: what D's optimizer holds (a frozen backbone is never in it);
+    * ``forward`` returns logits ``[B, ...]`` (averaged per sample by the losses).
+    """
+
+    input_space: InputSpace
+    loss: LossKind
+    noised: bool
+    shares_fake_update: bool
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def fake_in_graph(self) -> contextlib.AbstractContextManager: ...
+
+    def __call__(self, x: Tensor, cond: Conditioning, *draws: Tensor) -> Tensor: ...
 
 
 class RandomConvBackbone(nn.Module):
@@ -89,6 +113,7 @@ class ProjectedDiscriminator(nn.Module):
     """Spatial logits from every backbone depth, concatenated: [B, sum of H*W]."""
 
     input_space: ClassVar[InputSpace] = "pixels"
+    loss: ClassVar[LossKind] = "hinge"
     noised: ClassVar[bool] = False
     shares_fake_update: ClassVar[bool] = False
 
@@ -107,6 +132,9 @@ class ProjectedDiscriminator(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.heads.parameters() if p.requires_grad]
+
+    def fake_in_graph(self) -> contextlib.AbstractContextManager:
+        return nullcontext()
 
     def forward(self, images: Tensor, cond: Conditioning) -> Tensor:
         text = cond.tensors[self.text_key].to(images.dtype)
@@ -140,24 +168,6 @@ def _weights_frozen(module: nn.Module) -> Iterator[None]:
             m.gradient_checkpointing = True
 
 
-def _feature_blocks(net: nn.Module) -> nn.ModuleList:
-    """The blocks a DMD2 head can attach to: the DiT's (double-stream) ``transformer_blocks``."""
-    blocks = getattr(net, "transformer_blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise ValueError(
-            f"gan.type 'dmd2_head' needs a fake score with transformer_blocks (a DiT); "
-            f"{type(net).__name__} has none in this version"
-        )
-    return blocks
-
-
-def _feature_width(net: nn.Module) -> int:
-    width = getattr(net, "inner_dim", None)
-    if width is None:
-        raise ValueError(f"gan.type 'dmd2_head': cannot read the feature width of {type(net).__name__}")
-    return int(width)
-
-
 def _tokens(output: Tensor | tuple) -> Tensor:
     """Image tokens [B, N, C] from a block output; diffusers' joint blocks return (text, image)."""
     feat = output[-1] if isinstance(output, tuple) else output
@@ -170,8 +180,9 @@ class FakeScoreHeadDiscriminator(nn.Module):
     """DMD2's classifier (spec §8.2): a head on the fake score's features at one block, one logit per sample.
 
     ``x`` (model space) is noised to ``level`` with ``noise`` (both drawn by the trainer), the fake
-    score runs on it with the sample's prompt, and a forward hook captures the image-token output of
-    ``transformer_blocks[block]``. The head (LayerNorm, two Linear+SiLU layers on the tokens, a
+    score runs on it with the sample's prompt, and a forward hook captures the output of one of the
+    blocks the adapter offers (``feature_taps``: a DiT's transformer blocks, a UNet's bottleneck) as
+    tokens. The head (LayerNorm, two Linear+SiLU layers on the tokens, a
     mean over tokens, a Linear to one logit) is what D's optimiser holds. The fake network is held
     by reference, not as a submodule, so it is neither in this module's state dict nor in its DDP
     wrapper. Its weights are kept out of the graph during the forward (the generator's adversarial
@@ -181,6 +192,7 @@ class FakeScoreHeadDiscriminator(nn.Module):
     """
 
     input_space: ClassVar[InputSpace] = "model"
+    loss: ClassVar[LossKind] = "nonsaturating"
     noised: ClassVar[bool] = True
 
     def __init__(
@@ -193,16 +205,16 @@ class FakeScoreHeadDiscriminator(nn.Module):
         super().__init__()
         self.shares_fake_update = trains_fake
         self._fake_weights_in_graph = False
-        blocks = _feature_blocks(fake_score)
-        self.feature_block = len(blocks) // 2 if block is None else int(block)
-        if not 0 <= self.feature_block < len(blocks):
+        taps = adapter.feature_taps(fake_score)
+        self.feature_block = len(taps) // 2 if block is None else int(block)
+        if not 0 <= self.feature_block < len(taps):
             raise ValueError(
                 f"gan.feature_blocks: block {self.feature_block} is out of range for a fake score with "
-                f"{len(blocks)} transformer_blocks"
+                f"{len(taps)} feature blocks"
             )
         self.adapter = adapter
         self._fake = (fake_score,)  # a tuple, so that nn.Module does not register it as a submodule
-        width = _feature_width(fake_score)
+        width = taps[self.feature_block].width
         self.head = nn.Sequential(
             nn.LayerNorm(width),
             nn.Linear(width, width),
@@ -234,7 +246,7 @@ class FakeScoreHeadDiscriminator(nn.Module):
         """Image tokens [B, N, C] of the hooked block of the fake score at ``x_t``."""
         fake = self.fake_score
         captured: list[Tensor] = []
-        hook = _feature_blocks(fake)[self.feature_block].register_forward_hook(
+        hook = self.adapter.feature_taps(fake)[self.feature_block].module.register_forward_hook(
             lambda _module, _inputs, output: captured.append(_tokens(output))
         )
         weights = nullcontext() if self._fake_weights_in_graph else _weights_frozen(fake)
@@ -269,20 +281,23 @@ def head_block(gan: GANConfig) -> int | None:
     return gan.feature_blocks[0] if len(gan.feature_blocks) == 1 else None
 
 
-def build_discriminator(
-    gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.Module | None = None
-) -> nn.Module | None:
-    """The discriminator named by ``gan.type`` (None for 'none'); 'dmd2_head' needs ``fake_score``."""
+def build_toy_discriminator(gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.Module) -> nn.Module:
+    """``gan.type: toy``: the seeded random conv backbone with one projected head per layer."""
+    text_dim = adapter.null_conditioning(1).tensors["pooled"].shape[-1]
+    backbone = RandomConvBackbone(TOY_BACKBONE_CHANNELS, seed=TOY_BACKBONE_SEED)
+    return ProjectedDiscriminator(backbone, TOY_BACKBONE_CHANNELS, TOY_HEAD_HIDDEN, text_dim)
+
+
+def build_dmd2_head(gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.Module) -> nn.Module:
+    """``gan.type: dmd2_head``: DMD2's classifier on the fake score's features."""
+    return FakeScoreHeadDiscriminator(adapter, fake_score, head_block(gan), gan.head_trains_fake)
+
+
+def build_discriminator(gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.Module) -> nn.Module | None:
+    """The discriminator ``gan.type`` names in the registry (None for 'none')."""
     if gan.type == "none":
         return None
-    if gan.type == "toy":
-        text_dim = adapter.null_conditioning(1).tensors["pooled"].shape[-1]
-        backbone = RandomConvBackbone(TOY_BACKBONE_CHANNELS, seed=TOY_BACKBONE_SEED)
-        return ProjectedDiscriminator(backbone, TOY_BACKBONE_CHANNELS, TOY_HEAD_HIDDEN, text_dim)
-    if gan.type == "dmd2_head":
-        if fake_score is None:
-            raise ValueError("method.gan.type 'dmd2_head' needs the fake score network")
-        return FakeScoreHeadDiscriminator(adapter, fake_score, head_block(gan), gan.head_trains_fake)
-    raise ValueError(
-        f"method.gan.type: '{gan.type}' is not available in this version (available: toy, dmd2_head, none)"
-    )
+    spec = discriminator_spec(gan.type)
+    if spec is None:
+        raise ValueError(f"method.gan.type: '{gan.type}' is not registered")
+    return resolve_builder(spec, "method.gan.type")(gan, adapter, fake_score)

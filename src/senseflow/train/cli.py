@@ -41,8 +41,33 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="distil a teacher with a recipe (torchrun for several ranks)")
-    p.add_argument("recipe", help="recipe YAML, e.g. configs/toy/distill.yaml")
+    p.add_argument(
+        "recipe", help="recipe YAML, or a shipped recipe's name (toy/distill; `senseflow recipes` lists them)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.generator.lr=1e-6")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("recipes", help="the shipped recipes, usable by name from any directory")
+    p.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    """Each shipped recipe with its family and whether this version can train it."""
+    from senseflow.config.loader import read_recipe
+    from senseflow.config.recipes import recipes_root, resolve_recipe, shipped_recipes
+    from senseflow.config.registry import available
+
+    buildable = set(available("family"))
+    for name in shipped_recipes():
+        data = read_recipe(resolve_recipe(name))
+        family = (data.get("model") or {}).get("family") if isinstance(data.get("model"), dict) else None
+        if family is not None:
+            state = "trains" if family in buildable else "recipe only: its adapter is not in this version"
+            print(f"{name:24s} senseflow train {name}  (family {family}: {state})")
+        elif "prompts" in data:
+            print(f"{name:24s} senseflow eval run {name}")
+        else:
+            print(f"{name:24s} senseflow toy train-teacher --config {name}")
+    print(f"(files in {recipes_root()})")

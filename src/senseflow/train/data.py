@@ -1,25 +1,73 @@
-"""Training data streams. Each returns the *global* batch of an iteration; ranks take their slice.
+"""Training data: a stream per ``data.kind`` (from the registry) and a loader that prefetches it.
 
-A stream is a pure function of (seed, iteration), so resuming needs only the iteration counter.
+A stream's ``batch(i)`` returns this rank's :class:`~senseflow.models.batch.Batch` of iteration
+``i`` and is a pure function of (seed, i, rank, world), so resuming needs only the iteration counter
+and a run's data do not depend on how many ranks share it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
-from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
+from senseflow.config.registry import data_kind_spec, resolve_builder
 from senseflow.config.schema import DistillConfig
+from senseflow.models.batch import Batch
 
 
 class BatchStream(Protocol):
-    def batch(self, index: int) -> tuple[Tensor, list[str]]:
-        """Images in [-1, 1] (NCHW) and their prompts for iteration ``index``."""
+    def batch(self, index: int) -> Batch:
+        """This rank's batch of iteration ``index``."""
 
 
-def build_data(cfg: DistillConfig, global_batch: int) -> BatchStream:
-    if cfg.data.kind == "toy":
-        from senseflow.toy.data import ShapesBatches
+def build_stream(cfg: DistillConfig, rank: int = 0, world: int = 1) -> BatchStream:
+    spec = data_kind_spec(cfg.data.kind)
+    if spec is None:
+        raise ValueError(f"data.kind: '{cfg.data.kind}' is not registered")
+    return resolve_builder(spec, "data.kind")(cfg, rank, world)
 
-        return ShapesBatches("train", global_batch, seed=cfg.seed, image_size=cfg.data.resolution)
-    raise ValueError(f"data.kind: '{cfg.data.kind}' is not available in this version (available: toy)")
+
+class _Iterations(Dataset):
+    """Iterations ``start .. stop - 1`` of a stream, as a map-style dataset for a DataLoader."""
+
+    def __init__(self, stream: BatchStream, start: int, stop: int):
+        self.stream, self.start, self.stop = stream, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.stream.batch(self.start + i)
+
+
+def _keep(batch: Batch) -> Batch:
+    return batch
+
+
+class BatchLoader:
+    """Hands the trainer the batch of each iteration, prepared ``data.num_workers`` processes ahead.
+
+    With 0 workers the stream runs in the trainer's process. Asking for an iteration other than the
+    next one (a resume) restarts the workers there, so the batches never depend on the prefetching.
+    """
+
+    def __init__(self, stream: BatchStream, num_workers: int, stop: int):
+        self.stream, self.num_workers, self.stop = stream, num_workers, stop
+        self._next: int | None = None
+        self._it: Iterator[Batch] | None = None
+
+    def batch(self, index: int) -> Batch:
+        if self.num_workers == 0:
+            return self.stream.batch(index)
+        if self._it is None or self._next != index:
+            loader = DataLoader(
+                _Iterations(self.stream, index, max(self.stop, index + 1)),
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_keep,
+            )
+            self._it = iter(loader)
+        self._next = index + 1
+        return next(self._it)

@@ -32,8 +32,10 @@ def image_stats(images: Tensor, cfg: HealthConfig) -> dict[str, float]:
 
 
 def collapse_alarm(stats: dict[str, float], cfg: HealthConfig) -> str | None:
-    """A message when the batch's images are near-identical (NaN std means batch 1: no verdict)."""
-    across = stats["image_std_across_samples"]
+    """A message when the batch's images are near-identical (NaN std means batch 1: no verdict).
+
+    Iterations without image statistics (decoding is skipped between logging iterations) give none."""
+    across = stats.get("image_std_across_samples", math.nan)
     if not math.isnan(across) and across < cfg.collapse_std:
         return (
             f"possible collapse: generated images barely differ across the batch "

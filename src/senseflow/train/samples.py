@@ -3,35 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from torch import Tensor, nn
 
+from senseflow.config.schema import DistillConfig
 from senseflow.metrics.image_io import quantise
-from senseflow.student import few_step_sample
+from senseflow.models.adapter import FamilyAdapter
+from senseflow.models.sampling import student_images
 from senseflow.viz import image_grid, save_image
 
-if TYPE_CHECKING:
-    from senseflow.train.trainer import Distiller
 
-
-def save_sample_grid(distiller: Distiller, path: Path, write: bool = True) -> Path:
-    """Sample the fixed prompts and seeds (every rank must call this under FSDP2); write if ``write``."""
-    log = distiller.cfg.logging
+def save_sample_grid(
+    adapter: FamilyAdapter,
+    generator: nn.Module,
+    anchor_levels: Tensor,
+    cfg: DistillConfig,
+    path: Path,
+    write: bool = True,
+) -> Path:
+    """Sample the recipe's fixed prompts and seeds (every rank must call this under FSDP2); write if
+    ``write``."""
+    log = cfg.logging
     prompts, seeds = list(log.sample_prompts), list(log.sample_seeds)
     if not prompts:
         raise ValueError("logging.sample_prompts is empty but logging.sample_every is set")
     all_prompts = [p for _ in seeds for p in prompts]
     all_seeds = [s for s in seeds for _ in prompts]
-    shape = distiller.adapter.sample_shape(distiller.cfg.data.resolution)
-    images = few_step_sample(
-        distiller.adapter,
-        distiller.generator,
-        distiller.anchor_levels,
-        shape,
-        all_prompts,
-        all_seeds,
-        log.sample_sampler,
+    images = student_images(
+        adapter, generator, anchor_levels, cfg.data.resolution, all_prompts, all_seeds, log.sample_sampler
     )
     if not write:
         return path

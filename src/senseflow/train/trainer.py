@@ -10,6 +10,7 @@ iteration comes from ``draws.draw_step`` so that resume and world size change no
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,33 +21,20 @@ from tqdm.auto import tqdm
 from senseflow.config.loader import dump_config, save_resolved
 from senseflow.config.schema import DistillConfig, OptimizerConfig
 from senseflow.devices import autocast, reshard, resolve_device, set_tf32, to_dtype
-from senseflow.method import (
-    as_x0_fn,
-    backward_simulate,
-    check_ida_compatible,
-    diffaug,
-    dmd_loss,
-    fake_score_loss,
-    hinge_d_loss,
-    hinge_g_loss,
-    ida_update_,
-    isg_loss,
-    isg_targets,
-    isg_x0_targets,
-    nonsaturating_d_loss,
-    nonsaturating_g_loss,
-    segment_ends,
-    time_weight,
-)
+from senseflow.method import check_ida_compatible, ida_update_, segment_ends
 from senseflow.models import build_adapter
-from senseflow.models.adapter import Conditioning
+from senseflow.models.adapter import NETWORK_ROLES
+from senseflow.models.batch import Batch, Conditioning
+from senseflow.models.build import build_empty, materialise, read_weights
 from senseflow.models.discriminators import build_discriminator
 from senseflow.train import checkpoint as ckpt
-from senseflow.train.data import build_data
-from senseflow.train.draws import DiscDraws, StepDraws, draw_step
+from senseflow.train.data import BatchLoader, build_stream
+from senseflow.train.draws import draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
 from senseflow.train.logbook import Logbook
+from senseflow.train.parallel import device_mesh, is_sharded, shard, wrap
 from senseflow.train.samples import save_sample_grid
+from senseflow.train.step import NetworkCalls, SenseFlowStep
 
 
 def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -91,40 +79,31 @@ class Distiller:
         set_tf32(prec.tf32)
         self.adapter = build_adapter(cfg).to(self.device)
         self.param = self.adapter.param
-        nets = self.adapter.build_networks(
-            teacher_dtype=to_dtype(prec.teacher_dtype, "precision.teacher_dtype"),
-            train_dtype=to_dtype(prec.param_dtype, "precision.param_dtype"),
-        )
-        for net in (nets.teacher, nets.generator, nets.fake_score):
-            net.to(self.device)
-            if cfg.parallel.gradient_checkpointing:
-                self.adapter.enable_gradient_checkpointing(net)
+        self.mesh = device_mesh(self.device, cfg.parallel.strategy)
+        nets = self._build_networks()
+        self.teacher, self.generator, self.fake_score = nets["teacher"], nets["generator"], nets["fake_score"]
         if cfg.method.ida.enabled:
-            check_ida_compatible(nets.fake_score, nets.generator)
-        self.teacher, self.generator, self.fake_score = nets.teacher, nets.generator, nets.fake_score
+            check_ida_compatible(self.fake_score, self.generator)
         torch.manual_seed(cfg.seed)  # new parameters (discriminator heads) start alike on every rank and run
         self.discriminator = build_discriminator(cfg.method.gan, self.adapter, self.fake_score)
-        if self.discriminator is not None:
-            self.discriminator.to(self.device)
-        wrap = self.adapter.parallelize
         strategy = cfg.parallel.strategy
         # FSDP2 shards in place (the *_ddp names then hold the modules themselves); DDP wraps.
-        self.teacher = wrap(self.teacher, strategy, "teacher")
-        self.generator_ddp = wrap(self.generator, strategy, "generator")
-        self.fake_ddp = wrap(self.fake_score, strategy, "fake_score")
+        self.generator_ddp = wrap(self.generator, "generator", strategy)
+        self.fake_ddp = wrap(self.fake_score, "fake_score", strategy)
         o = cfg.optim
         self.optimizers = {
             "generator": _optimizer(self.generator.parameters(), o.generator),
             "fake_score": _optimizer(self.fake_score.parameters(), o.fake),
         }
-        clips = {"generator": o.generator.clip_grad, "fake_score": o.fake.clip_grad}
+        self.clips = {"generator": o.generator.clip_grad, "fake_score": o.fake.clip_grad}
+        self.disc_ddp = None
         if self.discriminator is not None:
-            self.disc_ddp = wrap(self.discriminator, strategy, "discriminator")
+            self.discriminator.to(self.device)
+            self.disc_ddp = wrap(self.discriminator, "discriminator", strategy)
             self.optimizers["discriminator"] = _optimizer(
                 self.discriminator.trainable_parameters(), o.discriminator
             )
-            clips["discriminator"] = o.discriminator.clip_grad
-        self.clips = clips
+            self.clips["discriminator"] = o.discriminator.clip_grad
         warm, start = o.warmup_steps, o.warmup_start_factor
         self.schedulers = {
             k: torch.optim.lr_scheduler.LambdaLR(
@@ -135,106 +114,74 @@ class Distiller:
         self.anchor_levels = self.param.anchor_levels(self.adapter.anchors).to(self.device)
         # a_0 .. a_{K-1} and the end of the last segment (clean, or the grid's first entry)
         self.levels = segment_ends(self.anchor_levels, self.param, cfg.method.isg.last_segment_end)
+        self.step = SenseFlowStep(
+            cfg.method, self.param, self.anchor_levels, self.levels, self.network_calls(), self.discriminator
+        )
         self.batch = cfg.data.batch_size
-        self.data = build_data(cfg, global_batch=self.batch * self.world)
+        stream = build_stream(cfg, self.rank, self.world)
+        self.data = BatchLoader(stream, cfg.data.num_workers, cfg.schedule.iterations)
         self.guard = NonFiniteGuard(cfg.health.nan_patience)
+        self.last_losses: dict[str, float] = {}
         self.iteration = 0
 
-    # ------------------------------------------------------------------ pieces of one iteration
+    def _build_networks(self) -> dict[str, torch.nn.Module]:
+        """Build on meta, shard, then load: the teacher's files are read once (by rank 0 alone when
+        the networks are sharded, which then scatters them) and start all three roles."""
+        cfg, prec = self.cfg, self.cfg.precision
+        teacher_dtype = to_dtype(prec.teacher_dtype, "precision.teacher_dtype")
+        train_dtype = to_dtype(prec.param_dtype, "precision.param_dtype")
+        strategy = cfg.parallel.strategy
+        nets = {}
+        for role in NETWORK_ROLES:
+            net = build_empty(self.adapter, role, teacher_dtype if role == "teacher" else train_dtype)
+            nets[role] = shard(
+                net, role, strategy, self.adapter, self.mesh, cfg.parallel.gradient_checkpointing
+            )
+        broadcast = is_sharded("generator", strategy)
+        teacher = read_weights(self.adapter.weight_files()) if self.rank == 0 or not broadcast else {}
+        for role, net in nets.items():
+            materialise(net, self.device, self.adapter.initial_weights(role, teacher), broadcast=broadcast)
+        return nets
 
-    def _predict(self, net, x: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+    # ------------------------------------------------------------------ networks as the step calls them
+
+    def predict(self, net, x: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
         """A network's raw output in float32, computed under the recipe's autocast."""
         with autocast(self.device, self.autocast_dtype):
             return self.adapter.forward(net, x, level, cond)
 
-    def _guided(self, x: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor) -> Tensor:
+    def guided(self, x: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor) -> Tensor:
         with autocast(self.device, self.autocast_dtype):
             return self.adapter.guided_predict(self.teacher, x, level, cond, guidance)
 
-    def _decode(self, x: Tensor) -> Tensor:
+    def decode(self, x: Tensor) -> Tensor:
         with autocast(self.device, self.autocast_dtype):
             return self.adapter.decode(x).float()
 
-    def _output_fn(self, net, cond: Conditioning):
-        return lambda x, level: self._predict(net, x, level, cond)
+    def network_calls(self) -> NetworkCalls:
+        def call(net):
+            return lambda x, level, cond: self.predict(net, x, level, cond)
 
-    def _teacher_fn(self, cond: Conditioning, guidance: Tensor):
-        return lambda x, level: self._guided(x, level, cond, guidance)
+        def disc_call(module):
+            def fn(*args):
+                with autocast(self.device, self.autocast_dtype):
+                    return module(*args).float()
 
-    def _input(
-        self, x_real: Tensor, d: StepDraws, cond: Conditioning, rollout_steps: int | None = None
-    ) -> Tensor:
-        """G's input: backward simulation or forward-noised data per sample.
+            return fn
 
-        ``rollout_steps``: generator calls of the simulation, from the *global* batch's draws so every
-        rank makes the same calls (FSDP2 gathers weights in each); default: what ``d`` needs.
-        """
-        level_j = self.levels[d.anchor_index]
-        noised = self.param.add_noise(x_real, d.input_noise, level_j)
-        rollout_steps = d.rollout_steps() if rollout_steps is None else rollout_steps
-        if rollout_steps == 0:
-            return noised
-        steps = iter(d.simulation_noise)
-        simulated = backward_simulate(
-            as_x0_fn(self._output_fn(self.generator, cond), self.param),
-            d.input_noise,
-            self.anchor_levels,
-            torch.where(d.simulate, d.anchor_index, 0),
-            self.param,
-            generator=lambda like: next(steps).to(like),
-            steps=rollout_steps,
+        disc = self.discriminator
+        return NetworkCalls(
+            generator=call(self.generator),
+            generator_train=call(self.generator_ddp),
+            fake_score=call(self.fake_score),
+            fake_score_train=call(self.fake_ddp),
+            teacher=self.guided,
+            decode=self.decode,
+            discriminator=None if disc is None else disc_call(disc),
+            discriminator_train=None if disc is None else disc_call(self.disc_ddp),
         )
-        return torch.where(d.simulate.view(-1, *[1] * (x_real.ndim - 1)), simulated, noised)
 
-    def _gan_weights(self, level_j: Tensor) -> Tensor:
-        return time_weight(self.cfg.method.gan.time_weight or "constant", level_j, self.param)
-
-    def _discriminate(self, disc, x: Tensor, cond: Conditioning, draws: DiscDraws | None) -> Tensor:
-        """D's logits on ``x`` (in D's input space) after DiffAugment, with D's noise if it is noised."""
-        if draws is not None and draws.aug is not None:
-            x = diffaug(x, draws.aug)
-        with autocast(self.device, self.autocast_dtype):
-            if self.discriminator.noised:
-                if draws is None or draws.level is None:
-                    raise ValueError("a noised discriminator needs its drawn levels and noise")
-                return disc(x, cond, draws.level, draws.noise).float()
-            return disc(x, cond).float()
-
-    def _generator_losses(self, x_in, out_in, x0, d: StepDraws, cond) -> tuple[Tensor, dict]:
-        m, p = self.cfg.method, self.param
-        x_t = p.add_noise(x0, d.dmd_noise, d.dmd_level).detach()
-        with torch.no_grad():
-            x0_fake = p.x0_from_output(
-                x_t, self._predict(self.fake_score, x_t, d.dmd_level, cond), d.dmd_level
-            )
-            real_out = self._guided(x_t, d.dmd_level, cond, d.dmd_guidance)
-            x0_real = p.x0_from_output(x_t, real_out, d.dmd_level)
-        dmd = dmd_loss(x0, x0_fake, x0_real)
-        total, logs = (
-            dmd.loss,
-            {"loss_dmd": dmd.loss.item(), **{f"dmd_{k}": v.item() for k, v in dmd.stats.items()}},
-        )
-        level_j, level_next = self.levels[d.anchor_index], self.levels[d.anchor_index + 1]
-        if self.discriminator is not None and m.gan.weight:
-            # The unwrapped discriminator: its parameter gradients from this loss are discarded.
-            x_d = self._decode(x0) if self.discriminator.input_space == "pixels" else x0
-            logits = self._discriminate(self.discriminator, x_d, cond, d.disc_gen)
-            g_loss = hinge_g_loss if m.gan.type != "dmd2_head" else nonsaturating_g_loss
-            adv = g_loss(logits, self._gan_weights(level_j))
-            total = total + m.gan.weight * adv
-            logs["loss_adv"] = adv.item()
-        if m.isg.weight > 0:
-            teacher = self._teacher_fn(cond, d.isg_guidance)
-            if self.param.kind == "ddpm" and m.isg.sdxl_mode == "official":
-                t = isg_x0_targets(x_in, level_j, level_next, teacher, out_in, p)
-            else:
-                student = self._output_fn(self.generator, cond)
-                level_mid = p.level_from_grid(d.isg_mid_grid)
-                t = isg_targets(x_in, level_j, level_next, level_mid, teacher, student, out_in, p)
-            isg = isg_loss(t.x_direct, t.x_target, m.isg.loss, m.isg.charbonnier_eps)
-            total = total + m.isg.weight * isg
-            logs["loss_isg"] = isg.item()
-        return total, logs
+    # ------------------------------------------------------------------ one iteration
 
     def _non_finite(self, losses: dict[str, Tensor]) -> list[str]:
         """Non-finite losses on this rank, or a marker when only another rank has one: every rank
@@ -247,119 +194,110 @@ class Distiller:
                 bad = ["another rank's " + "/".join(losses)]
         return bad
 
-    def _step(self, name: str, loss: Tensor, module_params) -> None:
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clips[name] is not None:
-            torch.nn.utils.clip_grad_norm_(module_params, self.clips[name])
-        opt.step()
-        self.schedulers[name].step()
+    def update(self, name: str, loss: Tensor) -> None:
+        """Backward of ``loss``, then the clip and step of network ``name``'s optimiser."""
+        self.joint_update((name,), loss)
 
-    def train_step(self) -> dict[str, float]:
-        """One iteration (spec §2); returns its logged scalars."""
-        cfg, p, n = self.cfg, self.param, self.iteration
-        images, prompts = self.data.batch(n)
-        lo, hi = self.rank * self.batch, (self.rank + 1) * self.batch
-        images, prompts = images[lo:hi].to(self.device), prompts[lo:hi]
+    def inputs(self, batch: Batch) -> tuple[Tensor, Conditioning]:
+        """The batch's real samples in the model space (cached latents when it has them) and its
+        conditioning (cached encodings when it has them)."""
         with autocast(self.device, self.autocast_dtype), torch.no_grad():
-            x_real = self.adapter.encode_images(images).float()
-        everyone = draw_step(  # the global batch's draws; this rank takes its slice
+            x_real = self.adapter.model_inputs(batch).float()
+        return x_real, self.adapter.conditioning(batch)
+
+    def draws(self, n: int, sample_shape: tuple[int, ...]):
+        """Iteration ``n``'s draws for the global batch, and this rank's slice of them."""
+        cfg, disc = self.cfg, self.discriminator
+        everyone = draw_step(
             cfg.method,
-            p,
+            self.param,
             self.anchor_levels,
-            tuple(x_real.shape[1:]),
+            sample_shape,
             self.batch * self.world,
             self.batch,
             cfg.seed,
             n,
-            disc_shape=self._disc_shape(images, x_real),
-            disc_noised=self.discriminator is not None and self.discriminator.noised,
+            disc_shape=self._disc_shape(sample_shape),
+            disc_noised=disc is not None and disc.noised,
         )
-        d = everyone.slice(lo, hi).to(self.device)
-        cond = self.adapter.encode_prompts(prompts)
-        x_in = self._input(x_real, d, cond, rollout_steps=everyone.rollout_steps())
+        lo = self.rank * self.batch
+        return everyone, everyone.slice(lo, lo + self.batch).to(self.device)
+
+    def _logging_iteration(self, n: int) -> bool:
+        return n % self.cfg.logging.every == 0 or n + 1 == self.cfg.schedule.iterations
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration (spec §2); returns its logged scalars."""
+        cfg, p, n, step = self.cfg, self.param, self.iteration, self.step
+        batch = self.data.batch(n).to(self.device)
+        x_real, cond = self.inputs(batch)
+        everyone, d = self.draws(n, tuple(x_real.shape[1:]))
+        x_in = step.generator_input(x_real, d, cond, rollout_steps=everyone.rollout_steps())
         level_j = self.levels[d.anchor_index]
         generator_turn = n % cfg.method.ttur_ratio == 0
         with torch.set_grad_enabled(generator_turn):
-            out_in = self._predict(
+            out_in = self.predict(
                 self.generator_ddp if generator_turn else self.generator, x_in, level_j, cond
             )
             x0 = p.x0_from_output(x_in, out_in, level_j)
         logs: dict[str, float] = {"iteration": n, "generator_turn": float(generator_turn)}
         losses: dict[str, Tensor] = {}
         if generator_turn:
-            total, more = self._generator_losses(x_in, out_in, x0, d, cond)
+            total, more = step.generator_loss(x_in, out_in, x0, d, cond)
             logs.update(more)
             losses["generator"] = total
             if not self._non_finite({"generator": total}):
-                self._step("generator", total, self.generator.parameters())
+                self.update("generator", total)
                 if cfg.method.ida.enabled:
                     reshard(self.fake_score, self.generator)  # IDA pairs the local shards
                     ida_update_(
                         self.fake_score, self.generator, cfg.method.ida.lam, cfg.method.ida.update_dtype
                     )
         x0 = x0.detach()
-        x_t = p.add_noise(x0, d.fake_noise, d.fake_level)
-        fake = fake_score_loss(
-            p, self._predict(self.fake_ddp, x_t, d.fake_level, cond), x0, d.fake_noise, d.fake_level
-        )
+        fake = step.fake_loss(x0, d, cond)
         losses["fake_score"] = fake
         logs["loss_fake"] = fake.item()
-        decoded = self._decode(x0)
         disc = self.discriminator
+        pixels = disc is not None and disc.input_space == "pixels"
+        # Decoding (a VAE pass for latent teachers) only for a pixel-space D or the logged statistics.
+        decoded = self.decode(x0) if pixels or self._logging_iteration(n) else None
         fake_alone = disc is None or not disc.shares_fake_update
         if fake_alone and not self._non_finite({"fake": fake}):
-            self._step("fake_score", fake, self.fake_score.parameters())
+            self.update("fake_score", fake)
         if disc is not None:
-            pixels = disc.input_space == "pixels"
-            real_d, fake_d = (images, decoded) if pixels else (x_real, x0)
+            real_d, fake_d = (self._real_pixels(batch, x_real), decoded) if pixels else (x_real, x0)
+            with disc.fake_in_graph() if disc.shares_fake_update else nullcontext():
+                d_loss, more = step.discriminator_loss(real_d, fake_d, cond, level_j, d)
+            losses["discriminator"] = d_loss
             if disc.shares_fake_update:  # D's loss also trains the fake score: one backward, two steps
-                with disc.fake_in_graph():
-                    d_loss, more = self._discriminator_loss(real_d, fake_d, cond, level_j, d)
-                losses["discriminator"] = d_loss
                 if not self._non_finite({"fake": fake, "d": d_loss}):
-                    self._joint_step(("fake_score", "discriminator"), fake + d_loss)
-            else:
-                more = self._discriminator_step(real_d, fake_d, cond, level_j, losses, d)
+                    self.joint_update(("fake_score", "discriminator"), fake + d_loss)
+            elif not self._non_finite({"d": d_loss}):
+                self.update("discriminator", d_loss)
             logs.update(more)
-        logs.update(image_stats(decoded, cfg.health))
+        if decoded is not None:
+            logs.update(image_stats(decoded, cfg.health))
         self.guard.end_iteration(self._non_finite(losses), n)
+        self.last_losses.update({k: v for k, v in logs.items() if k.startswith("loss_")})
         self.iteration += 1
         return logs
 
-    def _disc_shape(self, images: Tensor, x_real: Tensor) -> tuple[int, ...] | None:
+    def _real_pixels(self, batch: Batch, x_real: Tensor) -> Tensor:
+        """Real images for a pixel-space D: the batch's own, or its latents decoded."""
+        if batch.images is not None:
+            return batch.images
+        with torch.no_grad():
+            return self.decode(x_real)
+
+    def _disc_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """Shape of one discriminator input (decoded RGB or model space), for its draws."""
         if self.discriminator is None:
             return None
-        return tuple((images if self.discriminator.input_space == "pixels" else x_real).shape[1:])
+        if self.discriminator.input_space == "pixels":
+            return (3, self.cfg.data.resolution, self.cfg.data.resolution)
+        return sample_shape
 
-    def _discriminator_loss(
-        self, real, fake, cond, level_j, d: StepDraws | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
-        """D's loss on ``real`` and sg(``fake``), both in D's input space (RGB or model space)."""
-        gan = self.cfg.method.gan
-        draws = None if d is None or d.disc_real is None else d.disc_real.cat(d.disc_fake)
-        # One forward over real and fake together: DDP pairs each forward with one backward.
-        logits = self._discriminate(self.disc_ddp, torch.cat([real, fake]), cond.cat(cond), draws)
-        real_logits, fake_logits = logits.chunk(2)
-        d_loss = hinge_d_loss if gan.type != "dmd2_head" else nonsaturating_d_loss
-        loss = gan.disc_weight * d_loss(real_logits, fake_logits, self._gan_weights(level_j))
-        return loss, {
-            "loss_disc": loss.item(),
-            "disc_real_acc": (real_logits > 0).float().mean().item(),
-            "disc_fake_acc": (fake_logits < 0).float().mean().item(),
-        }
-
-    def _discriminator_step(self, real, fake, cond, level_j, losses, d: StepDraws | None = None) -> dict:
-        """D's loss and its own update, for a D that does not share the fake score's update."""
-        loss, logs = self._discriminator_loss(real, fake, cond, level_j, d)
-        losses["discriminator"] = loss
-        if not self._non_finite({"d": loss}):
-            self._step("discriminator", loss, self.discriminator.trainable_parameters())
-        return logs
-
-    def _joint_step(self, names: tuple[str, ...], loss: Tensor) -> None:
+    def joint_update(self, names: tuple[str, ...], loss: Tensor) -> None:
         """One backward of a loss shared by several networks, then each optimiser's clip and step."""
         for name in names:
             self.optimizers[name].zero_grad(set_to_none=True)
@@ -451,11 +389,16 @@ class Distiller:
             if alarm and self.progress:
                 tqdm.write(f"iteration {n}: {alarm}")
             if cfg.logging.sample_every and n % cfg.logging.sample_every == 0:  # every rank: FSDP2 gathers
-                save_sample_grid(self, self.run_dir / "samples" / f"step-{n:08d}.png", write=self.rank == 0)
+                path = self.run_dir / "samples" / f"step-{n:08d}.png"
+                save_sample_grid(
+                    self.adapter, self.generator, self.anchor_levels, cfg, path, write=self.rank == 0
+                )
             if n % cfg.checkpoint.every == 0 or n == total:
                 self.save()
             bar.update(1)
-            bar.set_postfix(dmd=logs.get("loss_dmd"), fake=f"{logs['loss_fake']:.3f}", refresh=False)
+            bar.set_postfix(
+                {k.removeprefix("loss_"): f"{v:.3g}" for k, v in self.last_losses.items()}, refresh=False
+            )
         bar.close()
         if log is not None:
             log.close()

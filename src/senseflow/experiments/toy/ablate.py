@@ -4,7 +4,8 @@ Every variant is the toy recipe (``configs/toy/distill.yaml``) with a few dotted
 in :data:`VARIANTS`. For each (variant, seed) the student is trained with the ordinary
 :class:`~senseflow.train.trainer.Distiller` into ``<runs>/<variant>/seed<k>``, timed, then sampled
 with the 4-step renoise sampler on a fixed prompt set and measured with
-:func:`senseflow.toy.quality.measure`: compositional accuracy per split, FID-T (to the teacher's own
+:func:`senseflow.metrics.shapes.quality.measure`:
+compositional accuracy per split, FID-T (to the teacher's own
 reference samples of the same prompts and seeds) and FID to renders. The teacher's reference samples
 and their features are computed once and cached in ``<runs>/reference/``.
 
@@ -22,16 +23,16 @@ import math
 import platform
 import shlex
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from senseflow.experiments.toy.ablate_plots import CURVES, _grid, _mean_over_seeds, plot_curves
+from senseflow.experiments.toy.ablate_report import markdown, summarise
+from senseflow.experiments.toy.ablate_variants import DEFAULT_VARIANTS, SAMPLER, VARIANTS
+from senseflow.families.toy.folder import resolve_teacher_folder
 from senseflow.jsonfile import write_json
 from senseflow.metrics.weights import sha256_file
-from senseflow.toy.ablate_plots import CURVES, _grid, _mean_over_seeds, plot_curves
-from senseflow.toy.ablate_report import markdown, summarise
-from senseflow.toy.pipeline import resolve_teacher_folder
 
 SPLITS = ("train", "test", "heldout")
 
@@ -42,51 +43,12 @@ def _teacher_sha256(folder: str | None) -> str:
     return sha256_file(weights)
 
 
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    overrides: tuple[str, ...]
-
-
-_NO_IDA = "method.ida.enabled=false"
-_NO_ISG = "method.isg.weight=0"
-_NO_GAN = "method.gan.type=none"
-
-#: name -> recipe overrides on configs/toy/distill.yaml (the recipe itself is the full method).
-VARIANTS: dict[str, Variant] = {
-    "vanilla": Variant("vanilla DMD2", (_NO_IDA, _NO_ISG, _NO_GAN)),
-    "ida": Variant("+IDA", (_NO_ISG, _NO_GAN)),
-    "isg": Variant("+ISG", (_NO_IDA, _NO_GAN)),
-    "ida_isg": Variant("+IDA+ISG", (_NO_GAN,)),
-    "full": Variant("full (IDA+ISG+GAN)", ()),
-    # TTUR 1: one fake-score update per generator update, so the fake score lags the generator.
-    "stressed": Variant(
-        "vanilla DMD2, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, "method.ttur_ratio=1")
-    ),
-    "stressed_ida": Variant("+IDA, TTUR 1 (stressed)", (_NO_ISG, _NO_GAN, "method.ttur_ratio=1")),
-    # ISG's loss and weight (on request): the paper's squared L2 instead of the code's Charbonnier,
-    # and SDXL's weight 0.2 instead of SD3.5's 1.0.
-    "isg_l2": Variant("+ISG, L2 loss", (_NO_IDA, _NO_GAN, "method.isg.loss=l2")),
-    "isg_w02": Variant("+ISG, weight 0.2", (_NO_IDA, _NO_GAN, "method.isg.weight=0.2")),
-}
-#: What runs without --variants (stressed_ida, isg_l2 and isg_w02 run on request).
-DEFAULT_VARIANTS = ("vanilla", "ida", "isg", "ida_isg", "full", "stressed")
-BASELINE = "vanilla"
-
 #: Overrides of every ablation run: log each iteration (loss_dmd exists on generator turns only),
 #: no sample grids during training (they would distort the timing), keep only the newest checkpoint.
 RUN_OVERRIDES = ("logging.every=1", "logging.sample_every=null", "checkpoint.keep_last=1")
 
-SAMPLER = "renoise"
 SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's second sample set (the FID-T floor)
 GRID_PROMPTS = 8  # test and held-out prompts shown in the sample grid
-
-
-def _default_recipe() -> Path:
-    local = Path("configs/toy/distill.yaml")
-    return (
-        local if local.is_file() else Path(__file__).resolve().parents[3] / "configs" / "toy" / "distill.yaml"
-    )
 
 
 def _read_json(path: Path) -> dict | None:
@@ -104,10 +66,10 @@ def _grid_picks(per_split: int, n: int) -> np.ndarray:
 def reference(teacher_folder: str | None, prompts, per_split: int, prompt_seed: int, root: Path, picks):
     """Teacher and render features of the prompt set, teacher baseline rows, the teacher's grid images
     and the cache key; computed once and cached in ``root``."""
-    from senseflow.toy.evaluator import to_uint8
-    from senseflow.toy.features import extract_features
-    from senseflow.toy.pipeline import ToyTeacher
-    from senseflow.toy.quality import measure, render_reference
+    from senseflow.families.toy.pipeline import ToyTeacher
+    from senseflow.metrics.shapes.evaluator import to_uint8
+    from senseflow.metrics.shapes.features import extract_features
+    from senseflow.metrics.shapes.quality import measure, render_reference
 
     teacher = ToyTeacher(teacher_folder)
     steps, guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
@@ -201,9 +163,9 @@ def train_run(cfg, run_dir: Path, progress: bool) -> dict:
 
 def measure_run(run_dir: Path, cfg, prompts, refs: dict, ref_key: dict, picks) -> dict:
     """Accuracy and FIDs of the run's final student (cached in the run folder)."""
+    from senseflow.metrics.shapes.evaluator import to_uint8
+    from senseflow.metrics.shapes.quality import measure
     from senseflow.student import Student
-    from senseflow.toy.evaluator import to_uint8
-    from senseflow.toy.quality import measure
     from senseflow.train import checkpoint as ckpt
 
     path = run_dir / "checkpoints" / ckpt.checkpoint_name(cfg.schedule.iterations)
@@ -250,7 +212,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
     import torch
 
     from senseflow.config import load_config
-    from senseflow.toy.quality import PromptSet
+    from senseflow.metrics.shapes.quality import PromptSet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,7 +221,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         raise ValueError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     if not args.seeds:
         raise ValueError("--seeds: give at least one seed")
-    recipe, runs, out = Path(args.config or _default_recipe()), Path(args.runs), Path(args.out)
+    recipe, runs, out = Path(args.config or "toy/distill"), Path(args.runs), Path(args.out)
     base = list(RUN_OVERRIDES)
     if args.teacher:
         base.append(f"model.teacher={args.teacher}")

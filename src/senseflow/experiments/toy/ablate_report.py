@@ -6,6 +6,8 @@ import textwrap
 
 import numpy as np
 
+from senseflow.experiments.toy.ablate_variants import BASELINE, SAMPLER, VARIANTS
+
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
@@ -22,8 +24,6 @@ def _fmt(mean: float | None, std: float | None, scale: float = 1.0, digits: int 
 
 
 def summarise(records: list[dict], variants: list[str]) -> dict[str, dict]:
-    from senseflow.toy.ablate import BASELINE
-
     out = {}
     for v in variants:
         rs = [r for r in records if r["variant"] == v]
@@ -50,8 +50,6 @@ def _sha_note(payload: dict) -> str:
 
 
 def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
-    from senseflow.toy.ablate import SAMPLER, VARIANTS
-
     s, ref = payload["summary"], payload["reference"]
     head = (
         "| variant | overrides | FID-T ↓ | FID vs renders ↓ | accuracy, all (%) | held-out (%) "
@@ -91,10 +89,11 @@ def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
         "(mean ± sample std over seeds). "
         f"The students are sampled with the 4-step `{SAMPLER}` sampler on {n} prompts "
         f"({payload['per_split']} each from the train, test and held-out splits; one image per prompt, "
-        "seed = prompt index). FID-T is the Fréchet distance (toy features, `senseflow.toy.features`) "
+        "seed = prompt index). FID-T is the Fréchet distance "
+        "(toy features, `senseflow.metrics.shapes.features`) "
         "to the teacher's own reference samples of the same prompts and seeds; its floor at this N is "
         "the teacher with other seeds, below. Accuracy is the rule-based evaluator's compositional "
-        "accuracy (`senseflow.toy.evaluator`). Seconds per iteration are the wall time of "
+        "accuracy (`senseflow.metrics.shapes.evaluator`). Seconds per iteration are the wall time of "
         "`Distiller.run` divided by the iterations it trained (this machine, runs one after another: "
         "other load on the machine shows up here); the last column divides them by vanilla DMD2's.",
         width=100,

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from senseflow.config.loader import load_config
-from senseflow.toy.ablate import add_parser as add_ablate_parser
+from senseflow.experiments.toy.ablate import add_parser as add_ablate_parser
 from senseflow.viz import image_grid, save_image
 
 
@@ -24,14 +24,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise FileNotFoundError(f"--prompts: no such file {path}")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        from senseflow.toy.quality import PromptSet
+        from senseflow.metrics.shapes.quality import PromptSet
 
         prompts = PromptSet.sample([args.split], args.n, seed=args.seed).prompts
     return prompts
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
-    from senseflow.toy.teacher import ToyTeacherConfig, train_teacher
+    from senseflow.experiments.toy.teacher import train_teacher
+    from senseflow.families.toy.recipe import ToyTeacherConfig
 
     recipe = args.config or _default_teacher_recipe()
     cfg = load_config(recipe, args.overrides, schema=ToyTeacherConfig)
@@ -40,8 +41,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from senseflow.toy.evaluator import score_image, to_uint8
-    from senseflow.toy.pipeline import ToyTeacher
+    from senseflow.families.toy.pipeline import ToyTeacher
+    from senseflow.metrics.shapes.evaluator import score_image, to_uint8
 
     teacher = ToyTeacher(args.teacher)
     prompts = read_prompts(args)
@@ -55,7 +56,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_report_teacher(args: argparse.Namespace) -> None:
-    from senseflow.toy.report import write_teacher_report
+    from senseflow.experiments.toy.report import write_teacher_report
 
     path = write_teacher_report(
         teacher_folder=args.teacher,

@@ -17,18 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from senseflow.config import load_config
+from senseflow.experiments.toy.report import SPLITS, markdown_table, teacher_generator
+from senseflow.families.toy.pipeline import ToyTeacher
 from senseflow.metrics.paired import PairedTest, mcnemar_exact
+from senseflow.metrics.shapes.evaluator import score_image, to_uint8
+from senseflow.metrics.shapes.quality import REFERENCE_SET_LABEL, Comparison, Generator, PromptSet
 from senseflow.student import Student
-from senseflow.toy.evaluator import score_image, to_uint8
-from senseflow.toy.pipeline import ToyTeacher
-from senseflow.toy.quality import REFERENCE_SET_LABEL, Comparison, Generator, PromptSet
-from senseflow.toy.report import SPLITS, markdown_table, teacher_generator
 from senseflow.train.trainer import Distiller
 from senseflow.viz import labelled_rows, save_image
 
 FEW_STEPS = 4
 GRID_COLUMNS = 10
-DEFAULT_RECIPE = "configs/toy/distill.yaml"
+DEFAULT_RECIPE = "toy/distill"  # the shipped recipe, found from any working directory
 PAIRED_SEED_BASE = 2_000_000  # seeds of the paired accuracy set: disjoint from the table's
 BATCH = 64
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from senseflow.toy.evaluator import to_uint8
-from senseflow.toy.pipeline import ToyTeacher
-from senseflow.toy.quality import REFERENCE_SET_LABEL, Comparison, QualityReport
+from senseflow.families.toy.pipeline import ToyTeacher
+from senseflow.metrics.shapes.evaluator import to_uint8
+from senseflow.metrics.shapes.quality import REFERENCE_SET_LABEL, Comparison, QualityReport
 from senseflow.viz import labelled_rows, save_image
 
 SPLITS = ("train", "test", "heldout")
@@ -113,12 +113,12 @@ the recipe is the teacher folder's `recipe.yaml`, the stages are in its `train_s
 
 {n} prompts ({per_split} each from the train, test and held-out splits; held-out prompts use
 colour-shape pairs never seen in training), one image per prompt, seed = prompt index. Accuracy is
-the rule-based evaluator's (`senseflow.toy.evaluator`): an image is correct ("all") when every prompted
-colour is found with the prompted shape and size and, for two objects, in the prompted relation.
-FIDs use the toy feature network (`senseflow.toy.features`) at N = {n}: against renders of the same
-prompts, and FID-T against the teacher's own {ref_steps}-step samples on an independent seed set. The
-"other placements" row and the teacher's {ref_steps}-step row on the common seeds are the floors of those
-two FIDs at this N.
+the rule-based evaluator's (`senseflow.metrics.shapes.evaluator`): an image is correct ("all") when
+every prompted colour is found with the prompted shape and size and, for two objects, in the
+prompted relation. FIDs use the toy feature network (`senseflow.metrics.shapes.features`) at N =
+{n}: against renders of the same prompts, and FID-T against the teacher's own {ref_steps}-step
+samples on an independent seed set. The "other placements" row and the teacher's {ref_steps}-step
+row on the common seeds are the floors of those two FIDs at this N.
 
 {markdown_table(reports, n)}
 

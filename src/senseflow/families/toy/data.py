@@ -1,7 +1,9 @@
-"""An endless, resumable stream of rendered (image, prompt) batches from one split.
+"""Rendered (image, prompt) batches from one split of the shapes world.
 
-Batch ``i`` is a pure function of ``(seed, i)``, so the stream's whole state is one integer: a
-resumed run that restores ``position`` sees exactly the batches an uninterrupted run would.
+Batch ``i`` is a pure function of ``(seed, i)``, so a stream's whole state is one integer: a
+resumed run sees exactly the batches an uninterrupted run would. :class:`ShapesStream` is the
+distillation data kind ``toy``: each rank renders only its own slice of an iteration's global batch.
+:class:`ShapesBatches` is the teacher-training stream (whole batches in sequence).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from senseflow.toy.render import IMAGE_SIZE, render
-from senseflow.toy.world import scenes_in_split
+from senseflow.config.schema import DistillConfig
+from senseflow.families.toy.render import IMAGE_SIZE, render
+from senseflow.families.toy.world import SceneSpec, scenes_in_split
+from senseflow.models.batch import Batch
 
 
 def images_to_model_space(images: np.ndarray) -> torch.Tensor:
@@ -62,3 +66,47 @@ class ShapesBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+class ShapesStream:
+    """This rank's share of iteration ``i``'s global batch: samples ``rank * B .. (rank + 1) * B``.
+
+    Sample ``j`` of the global batch is drawn from its own generator, seeded by (seed, i, j), so a
+    rank renders only its own samples and every world size sees the same global batch.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        single_object_fraction: float = 0.2,
+        image_size: int = IMAGE_SIZE,
+    ):
+        scenes = scenes_in_split(split)
+        self.singles = [s for s in scenes if s.relation is None]
+        self.pairs = [s for s in scenes if s.relation is not None]
+        if not self.singles or not self.pairs:
+            single_object_fraction = 1.0 if self.singles else 0.0
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.single_object_fraction = single_object_fraction
+        self.image_size = image_size
+
+    def _sample(self, index: int, j: int) -> tuple[np.ndarray, SceneSpec]:
+        rng = np.random.default_rng([self.seed, index, j])
+        pool = self.singles if rng.random() < self.single_object_fraction else self.pairs
+        scene = pool[int(rng.integers(len(pool)))]
+        return render(scene, rng, self.image_size)[0], scene
+
+    def batch(self, index: int) -> Batch:
+        start = self.rank * self.batch_size
+        drawn = [self._sample(index, j) for j in range(start, start + self.batch_size)]
+        images = np.stack([image for image, _ in drawn])
+        return Batch(prompts=[scene.prompt for _, scene in drawn], images=images_to_model_space(images))
+
+
+def build_toy_stream(cfg: DistillConfig, rank: int, world: int) -> ShapesStream:
+    """The registry's builder for ``data.kind: toy``: the train split at ``data.resolution``."""
+    return ShapesStream("train", cfg.data.batch_size, cfg.seed, rank, world, image_size=cfg.data.resolution)

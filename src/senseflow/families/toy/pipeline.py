@@ -1,92 +1,44 @@
-"""Loading the toy teacher from its folder and sampling it with N Euler steps and CFG.
+"""The toy teacher as a sampler: its folder's transformer, N Euler steps and classifier-free guidance.
 
-The folder is read with the same ``from_pretrained`` calls used for real SD3-family teachers:
-``SD3Transformer2DModel`` from ``transformer/``, the scheduler's shift from ``scheduler/``.
+The transformer is read with the stock ``SD3Transformer2DModel.from_pretrained`` (as a real SD3
+teacher would be); the calls, the guidance and the Euler steps are the family adapter's and the
+shared :func:`~senseflow.models.sampling.teacher_sample`, the same code every family samples with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 from torch import Tensor
 
 from senseflow.config.loader import load_config
-from senseflow.core.flow import FlowSchedule
-from senseflow.sampling import CfgConvention, combine_guidance, flow_euler_sample, seeded_noise
-from senseflow.toy.render import IMAGE_SIZE
-from senseflow.toy.teacher import ToyTeacherConfig
-from senseflow.toy.text import PromptEncoder
-
-REQUIRED_SUBFOLDERS = ("transformer", "scheduler", "text_encoder", "tokenizer")
-RECIPE_FILE = "recipe.yaml"
-
-
-def shipped_teacher_path() -> Path:
-    """The trained toy teacher that ships inside the package."""
-    return Path(str(resources.files("senseflow") / "assets" / "toy_teacher"))
-
-
-def resolve_teacher_folder(folder: str | Path | None, what: str = "teacher folder") -> Path:
-    """The teacher folder (the shipped one for None), checked for the pipeline layout."""
-    folder = Path(folder) if folder is not None else shipped_teacher_path()
-    missing = [s for s in REQUIRED_SUBFOLDERS if not (folder / s).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"{what} {folder} lacks {', '.join(missing)}/ (expected a pipeline layout with "
-            f"{', '.join(REQUIRED_SUBFOLDERS)}; `senseflow toy train-teacher` writes one)"
-        )
-    return folder
-
-
-def load_flow_schedule(folder: Path) -> FlowSchedule:
-    """The teacher's noise schedule, read from its diffusers scheduler config."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
-    return FlowSchedule(
-        num_train_timesteps=scheduler.config.num_train_timesteps, shift=scheduler.config.shift
-    )
+from senseflow.core.sampling import CfgConvention
+from senseflow.families.toy.adapter import ToyAdapter
+from senseflow.families.toy.folder import RECIPE_FILE
+from senseflow.families.toy.recipe import ToyTeacherConfig
+from senseflow.families.toy.render import IMAGE_SIZE
+from senseflow.models.sampling import teacher_sample
 
 
 class ToyTeacher:
     def __init__(self, folder: str | Path | None = None, cfg_convention: CfgConvention = "uncond_plus"):
-        folder = resolve_teacher_folder(folder)
-        self.folder = folder
-        self.recipe = load_config(folder / RECIPE_FILE, schema=ToyTeacherConfig)
-        self.transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
+        self.adapter = ToyAdapter(folder, cfg_convention=cfg_convention)
+        self.folder = self.adapter.folder
+        self.recipe = load_config(self.folder / RECIPE_FILE, schema=ToyTeacherConfig)
+        self.transformer = SD3Transformer2DModel.from_pretrained(self.folder, subfolder="transformer").eval()
         self.transformer.requires_grad_(False)
-        self.schedule = load_flow_schedule(folder)
-        self.encoder = PromptEncoder(folder)
-        self.cfg_convention = cfg_convention
-        self.image_shape = (self.transformer.config.in_channels, IMAGE_SIZE, IMAGE_SIZE)
+        self.image_shape = self.adapter.sample_shape(IMAGE_SIZE)
 
-    def velocity(self, x: Tensor, sigma: Tensor, tokens: Tensor, pooled: Tensor) -> Tensor:
-        return self.transformer(
-            hidden_states=x,
-            encoder_hidden_states=tokens,
-            pooled_projections=pooled,
-            timestep=self.schedule.model_timestep(sigma),
-            return_dict=False,
-        )[0]
+    @property
+    def encoder(self):
+        return self.adapter.encoder
 
-    def guided_velocity_fn(self, prompts: Sequence[str], guidance: float):
-        """A velocity function with classifier-free guidance (one batched cond+uncond pass)."""
-        tokens, pooled = self.encoder(list(prompts))
-        if guidance == 1.0:
-            return lambda x, s: self.velocity(x, s, tokens, pooled)
-        null_tokens, null_pooled = self.encoder([""] * len(prompts))
-        both_tokens, both_pooled = torch.cat([tokens, null_tokens]), torch.cat([pooled, null_pooled])
+    @property
+    def schedule(self):
+        return self.adapter.schedule
 
-        def fn(x: Tensor, sigma: Tensor) -> Tensor:
-            v = self.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both_tokens, both_pooled)
-            cond, uncond = v.chunk(2)
-            return combine_guidance(cond, uncond, guidance, self.cfg_convention)
-
-        return fn
-
-    @torch.no_grad()
     def sample(
         self,
         prompts: Sequence[str],
@@ -102,12 +54,14 @@ class ToyTeacher:
         """
         steps = self.recipe.sampling.steps if steps is None else steps
         guidance = self.recipe.sampling.guidance if guidance is None else guidance
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        sigmas = self.schedule.inference_sigmas(steps)
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            noise = seeded_noise(self.image_shape, seeds[i : i + batch_size])
-            fn = self.guided_velocity_fn(prompts[i : i + batch_size], guidance)
-            out.append(flow_euler_sample(fn, noise, sigmas, progress=progress))
-        return torch.cat(out).clamp(-1, 1)
+        return teacher_sample(
+            self.adapter,
+            self.transformer,
+            prompts,
+            seeds,
+            steps,
+            guidance,
+            self.image_shape[-1],
+            batch_size=batch_size,
+            progress=progress,
+        )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from senseflow.toy.world import BACKGROUND, COLOURS, SceneSpec
+from senseflow.families.toy.world import BACKGROUND, COLOURS, SceneSpec
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
-from senseflow.toy.world import vocabulary
+from senseflow.families.toy.world import vocabulary
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 # transformers treats eos_token_id == 2 as the legacy "argmax of ids" pooling rule, so EOS must not be 2.

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from senseflow.families.toy.world import BACKGROUND, COLOURS, SceneSpec, parse_prompt
 from senseflow.metrics.image_io import quantise
-from senseflow.toy.world import BACKGROUND, COLOURS, SceneSpec, parse_prompt
 
 # --- thresholds -----------------------------------------------------------------------------------
 

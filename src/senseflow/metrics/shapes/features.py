@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from senseflow.toy.evaluator import to_uint8
+from senseflow.metrics.shapes.evaluator import to_uint8
 
 DEFAULT_SEED = 0
 # (in_channels, out_channels, stride) of each 3x3 convolution.
@@ -89,7 +89,7 @@ def extract_features(
 ) -> np.ndarray:
     """Features [N, FEATURE_DIM] (float64) of uint8 NHWC images or float NCHW images in [-1, 1].
 
-    Float inputs go through :func:`senseflow.toy.evaluator.to_uint8` first, so a model's output
+    Float inputs go through :func:`senseflow.metrics.shapes.evaluator.to_uint8` first, so a model's output
     tensor and the PNG saved from it have identical features.
     """
     if batch_size < 1:

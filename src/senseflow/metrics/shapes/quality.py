@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from senseflow.families.toy.render import render_batch
+from senseflow.families.toy.world import parse_prompt, scenes_in_split
 from senseflow.metrics.frechet import fid_from_features
-from senseflow.toy.evaluator import evaluate
-from senseflow.toy.features import extract_features
-from senseflow.toy.render import render_batch
-from senseflow.toy.world import parse_prompt, scenes_in_split
+from senseflow.metrics.shapes.evaluator import evaluate
+from senseflow.metrics.shapes.features import extract_features
 
 Generator = Callable[[list[str], list[int]], np.ndarray]
 
@@ -52,7 +52,7 @@ def render_reference(prompts: Sequence[str], seed: int) -> np.ndarray:
 class QualityReport:
     name: str
     seconds: float
-    accuracy: dict[str, dict]  # "all" and each split -> senseflow.toy.evaluator.evaluate() output
+    accuracy: dict[str, dict]  # "all" and each split -> senseflow.metrics.shapes.evaluator.evaluate() output
     fid: dict[str, float] = field(default_factory=dict)  # reference name -> FID
 
     def row(self) -> dict:

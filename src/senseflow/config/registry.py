@@ -1,0 +1,217 @@
+"""The registries of names a recipe may use: teacher families, data kinds and discriminators.
+
+One entry per name holds everything about it: the recipe rules the schema checks (anchor units,
+guidance kinds, resolution multiple, which fields it reads) and the builder that makes it, named
+as ``"module:attribute"`` (imported only when a run builds it, so this layer imports nothing above
+it) or given as a callable. A name whose builder is ``None`` is *planned*: its recipes validate (so
+the official recipes can be read, checked and resolved) and building it stops with one clear
+message before anything is loaded. Adding a family is one adapter module and one
+:func:`register_family` call; the schema, the trainer and the CLI need no edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DataKindSpec",
+    "DiscriminatorSpec",
+    "FamilySpec",
+    "available",
+    "data_kind_spec",
+    "discriminator_spec",
+    "family_spec",
+    "known_data_kinds",
+    "known_discriminators",
+    "known_families",
+    "register_data_kind",
+    "register_discriminator",
+    "register_family",
+    "resolve_builder",
+]
+
+Builder = str | Callable[..., Any] | None
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A teacher family: its adapter builder and the recipe rules that hold for every recipe of it."""
+
+    name: str
+    adapter: Builder  # (DistillConfig) -> FamilyAdapter
+    anchor_units: tuple[str, ...]  # model.anchors.units it understands
+    guidance_kinds: tuple[str, ...]  # method.dmd.guidance_kind it implements
+    resolution_multiple: int = 1  # data.resolution must be a multiple (VAE factor x patch size)
+    needs_teacher: bool = True  # model.teacher is required (else the family ships a default)
+    hub: bool = True  # model.teacher may be a hub id with a revision
+    data_kinds: tuple[str, ...] | None = None  # data.kind it trains on (None: any)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DataKindSpec:
+    """A training-data reader: its stream builder and the ``data`` fields it reads."""
+
+    name: str
+    stream: Builder  # (DistillConfig, rank, world) -> BatchStream
+    reads: frozenset[str] = field(default_factory=frozenset)  # optional data.* fields it honours
+    needs_path: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DiscriminatorSpec:
+    """A discriminator: its builder and the ``method.gan`` fields it reads besides the common ones."""
+
+    name: str
+    builder: Builder  # (GANConfig, adapter, fake_score) -> Discriminator
+    reads: frozenset[str] = field(default_factory=frozenset)
+    description: str = ""
+
+
+_FAMILIES: dict[str, FamilySpec] = {}
+_DATA_KINDS: dict[str, DataKindSpec] = {}
+_DISCRIMINATORS: dict[str, DiscriminatorSpec] = {}
+
+
+def register_family(spec: FamilySpec | str) -> FamilySpec:
+    """Add (or replace) a family. A bare name registers a family without rules or builder."""
+    if isinstance(spec, str):
+        spec = FamilySpec(spec, adapter=None, anchor_units=(), guidance_kinds=())
+    if not spec.name or not isinstance(spec.name, str):
+        raise ValueError("family name must be a non-empty string")
+    _FAMILIES[spec.name] = spec
+    return spec
+
+
+def register_data_kind(spec: DataKindSpec | str) -> DataKindSpec:
+    if isinstance(spec, str):
+        spec = DataKindSpec(spec, stream=None)
+    if not spec.name or not isinstance(spec.name, str):
+        raise ValueError("data kind must be a non-empty string")
+    _DATA_KINDS[spec.name] = spec
+    return spec
+
+
+def register_discriminator(spec: DiscriminatorSpec) -> DiscriminatorSpec:
+    if not spec.name or not isinstance(spec.name, str):
+        raise ValueError("discriminator name must be a non-empty string")
+    _DISCRIMINATORS[spec.name] = spec
+    return spec
+
+
+def known_families() -> tuple[str, ...]:
+    return tuple(_FAMILIES)
+
+
+def known_data_kinds() -> tuple[str, ...]:
+    return tuple(_DATA_KINDS)
+
+
+def known_discriminators() -> tuple[str, ...]:
+    return (*_DISCRIMINATORS, "none")
+
+
+def family_spec(name: str) -> FamilySpec | None:
+    return _FAMILIES.get(name)
+
+
+def data_kind_spec(name: str) -> DataKindSpec | None:
+    return _DATA_KINDS.get(name)
+
+
+def discriminator_spec(name: str) -> DiscriminatorSpec | None:
+    return _DISCRIMINATORS.get(name)
+
+
+def available(kind: str) -> tuple[str, ...]:
+    """Names of a registry ('family', 'data', 'discriminator') that this version can build."""
+    table = {"family": _FAMILIES, "data": _DATA_KINDS, "discriminator": _DISCRIMINATORS}[kind]
+    return tuple(name for name, spec in table.items() if _builder_of(spec) is not None)
+
+
+def _builder_of(spec: FamilySpec | DataKindSpec | DiscriminatorSpec) -> Builder:
+    if isinstance(spec, FamilySpec):
+        return spec.adapter
+    if isinstance(spec, DataKindSpec):
+        return spec.stream
+    return spec.builder
+
+
+def resolve_builder(spec: FamilySpec | DataKindSpec | DiscriminatorSpec, field_name: str) -> Callable:
+    """The spec's builder as a callable; a planned entry gives one clear error naming the field."""
+    builder = _builder_of(spec)
+    kind = {FamilySpec: "family", DataKindSpec: "data", DiscriminatorSpec: "discriminator"}[type(spec)]
+    if builder is None:
+        ready = ", ".join(available(kind)) or "none"
+        raise ValueError(
+            f"{field_name}: '{spec.name}' is a valid recipe value but this version cannot build it yet "
+            f"(available: {ready})"
+        )
+    if callable(builder):
+        return builder
+    module, _, attribute = builder.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in entries. SDXL, SD 3.5 and FLUX carry the rules of method spec §2-9; their adapters are
+# planned, so their recipes validate and building them says so.
+# --------------------------------------------------------------------------------------------------
+
+FLOW_UNITS = ("t", "sigma", "index")
+
+register_family(
+    FamilySpec(
+        "toy",
+        adapter="senseflow.families.toy.adapter:build_toy_adapter",
+        anchor_units=FLOW_UNITS,
+        guidance_kinds=("cfg",),
+        needs_teacher=False,
+        hub=False,
+        data_kinds=("toy",),
+        description="the shapes world's SD3 transformer in pixel space (shipped in the package)",
+    )
+)
+register_family(FamilySpec("sdxl", None, ("ddpm_t",), ("cfg",), resolution_multiple=8))
+register_family(FamilySpec("sd3", None, FLOW_UNITS, ("cfg",), resolution_multiple=16))
+register_family(FamilySpec("flux", None, FLOW_UNITS, ("embedding", "cfg"), resolution_multiple=16))
+
+register_data_kind(
+    DataKindSpec(
+        "toy",
+        stream="senseflow.families.toy.data:build_toy_stream",
+        reads=frozenset({"num_workers"}),
+        needs_path=False,
+        description="rendered (image, prompt) pairs of the shapes world's train split",
+    )
+)
+register_data_kind(DataKindSpec("json", None, frozenset({"path", "num_workers"})))
+register_data_kind(DataKindSpec("latent_lmdb", None, frozenset({"path", "num_workers"})))
+
+register_discriminator(
+    DiscriminatorSpec(
+        "toy",
+        builder="senseflow.models.discriminators:build_toy_discriminator",
+        description="a frozen seeded random conv backbone with projected, text-conditioned heads",
+    )
+)
+register_discriminator(
+    DiscriminatorSpec(
+        "dmd2_head",
+        builder="senseflow.models.discriminators:build_dmd2_head",
+        reads=frozenset({"feature_blocks", "head_trains_fake"}),
+        description="DMD2's classifier head on the fake score's features",
+    )
+)
+register_discriminator(
+    DiscriminatorSpec(
+        "vfm",
+        builder=None,
+        reads=frozenset({"backbone", "feature_blocks", "text_encoder", "reference_encoder"}),
+        description="frozen DINOv2 with trained heads (SenseFlow)",
+    )
+)

@@ -1,0 +1,1 @@
+"""Experiments built on the trainer: teacher training, ablations, reports and demos."""

@@ -1,0 +1,1 @@
+"""Experiments on the shapes world: training its teacher, the demo, the ablation and the reports."""

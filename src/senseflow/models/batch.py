@@ -1,0 +1,74 @@
+"""What flows from a data stream into the trainer: a :class:`Batch`, with optional cached parts.
+
+A batch always has its prompts. It may also carry the images (pixels), the raw latents an offline
+``encode_pixels`` pass wrote (the VAE posterior's sample or mean before scale and shift), the
+cached text conditioning and per-sample metadata (SDXL's original size and crop). The trainer
+uses whatever is cached and computes only what is missing, so a cache never changes a result,
+only the time it takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Encoded prompts of a batch: named tensors whose first dimension is the batch."""
+
+    tensors: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        return Conditioning({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
+
+    def select(self, index: Tensor | slice) -> Conditioning:
+        return Conditioning({k: v[index] for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Moved to ``device``; floating tensors (not token ids or masks) cast to ``dtype``."""
+        return Conditioning(
+            {
+                k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                for k, v in self.tensors.items()
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One rank's share of an iteration's samples."""
+
+    prompts: list[str]
+    images: Tensor | None = None  # RGB in [-1, 1], [B, 3, H, W]
+    latents: Tensor | None = None  # raw latents from the codec's encode_pixels (no scale/shift)
+    conditioning: Conditioning | None = None  # cached prompt encodings
+    meta: dict[str, Tensor] = field(default_factory=dict)  # per-sample metadata, first dim = batch
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        if self.images is None and self.latents is None:
+            raise ValueError("a batch needs images or latents")
+        parts = {"images": self.images, "latents": self.latents, **self.meta}
+        if self.conditioning is not None:
+            parts["conditioning"] = self.conditioning
+        for name, value in parts.items():
+            if value is not None and len(value) != n:
+                raise ValueError(f"batch: {name} holds {len(value)} samples for {n} prompts")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            prompts=self.prompts,
+            images=None if self.images is None else self.images.to(device),
+            latents=None if self.latents is None else self.latents.to(device),
+            conditioning=None if self.conditioning is None else self.conditioning.to(device),
+            meta={k: v.to(device) for k, v in self.meta.items()},
+        )

@@ -1,0 +1,151 @@
+"""Build on meta, shard, then load (torchtitan's order).
+
+:func:`build_empty` makes a role's network from its class and config with parameters on the meta
+device (no memory) and buffers real (a few small tables such as position embeddings, which a
+config-only build computes and a weight file may not hold). The caller may then shard it (FSDP2's
+``fully_shard`` works on meta parameters); :func:`materialise` allocates each rank's storage on its
+device, puts the buffers back and loads the weights: into whole modules from a state dict, or,
+when the module is sharded, from rank 0's copy broadcast to every rank's shards. The teacher's
+files are read once per run and feed all three roles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from senseflow.models.adapter import NETWORK_ROLES, FamilyAdapter, Role
+
+WEIGHTS_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def safetensors_files(
+    folder: Path, stem: str = "diffusion_pytorch_model", variant: str | None = None
+) -> list[Path]:
+    """A diffusers component's weight files: one file, or the shards its index names."""
+    name = stem if variant is None else f"{stem}.{variant}"
+    single = folder / f"{name}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{name}{WEIGHTS_INDEX_SUFFIX}"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    raise FileNotFoundError(
+        f"{folder}: no {name}.safetensors nor {name}{WEIGHTS_INDEX_SUFFIX} (safetensors weights expected)"
+    )
+
+
+def read_weights(files: Iterable[Path]) -> dict[str, Tensor]:
+    state: dict[str, Tensor] = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state
+
+
+def _cast_storage(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Storage dtype as ``from_pretrained(torch_dtype=...)`` sets it: floating parameters and buffers
+    in ``dtype``, except the modules the class keeps in float32."""
+    if dtype == torch.float32:
+        return net
+    net.to(dtype)
+    keep = getattr(net, "_keep_in_fp32_modules", None) or []
+    for name, module in net.named_modules():
+        if any(part in keep for part in name.split(".")):
+            module.to(torch.float32)
+    return net
+
+
+def build_empty(adapter: FamilyAdapter, role: Role, dtype: torch.dtype) -> nn.Module:
+    """A role's network with meta parameters and real buffers, in its storage dtype."""
+    cls, config = adapter.network_spec(role)
+    with init_empty_weights(include_buffers=False):
+        net = cls.from_config(config)
+    net = _cast_storage(net, dtype)
+    trainable = role in ("generator", "fake_score")
+    return net.train(trainable).requires_grad_(trainable)
+
+
+def materialise(
+    net: nn.Module, device: torch.device, state: dict[str, Tensor] | None, broadcast: bool = False
+) -> nn.Module:
+    """Allocate ``net``'s storage on ``device`` and load ``state`` (``None``: leave it uninitialised,
+    for weights loaded later).
+
+    ``broadcast``: ``net`` is sharded (FSDP2) and ``state`` is rank 0's whole copy (other ranks pass
+    an empty dict); torch's ``set_model_state_dict`` scatters it to every rank's shards.
+    """
+    buffers = {name: b.detach().clone() for name, b in net.named_buffers()}
+    net.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in net.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    if state is None:
+        return net
+    if broadcast:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+        set_model_state_dict(net, dict(state), options=options)  # it replaces entries of the dict it gets
+    else:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{type(net).__name__}: the weights do not fit its config (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]})"
+            )
+    return net
+
+
+def build_unsharded(
+    adapter: FamilyAdapter,
+    roles: Iterable[Role],
+    teacher_dtype: torch.dtype,
+    train_dtype: torch.dtype,
+    device: torch.device | str,
+) -> dict[str, nn.Module]:
+    """Whole networks for one process: built on meta, then loaded from one read of the teacher."""
+    teacher = read_weights(adapter.weight_files())
+    out = {}
+    for role in roles:
+        net = build_empty(adapter, role, teacher_dtype if role == "teacher" else train_dtype)
+        out[role] = materialise(net, torch.device(device), adapter.initial_weights(role, teacher))
+    return out
+
+
+@dataclass
+class Networks:
+    """The teacher (frozen), and the generator and fake score initialised from its weights."""
+
+    teacher: nn.Module
+    generator: nn.Module
+    fake_score: nn.Module
+
+
+def build_networks(
+    adapter: FamilyAdapter,
+    teacher_dtype: torch.dtype = torch.float32,
+    train_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Networks:
+    """Teacher, generator and fake score for one process (tests, tools); the trainer builds its own
+    so that it can shard between building and loading."""
+    return Networks(**build_unsharded(adapter, NETWORK_ROLES, teacher_dtype, train_dtype, device))
+
+
+def build_generator(
+    adapter: FamilyAdapter, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The generator alone, uninitialised, to load a student's weights into (reads no teacher file)."""
+    return materialise(build_empty(adapter, "generator", dtype), torch.device(device), None)

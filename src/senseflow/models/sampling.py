@@ -1,0 +1,90 @@
+"""The two samplers of every family: the teacher's N-step sampler with guidance, and the student's
+few-step chain. Both decode to RGB in [-1, 1].
+
+Noise is drawn per sample from its own seed, so an image depends only on (prompt, seed) and not
+on which other prompts share its batch: a grid, an evaluation and a resumed job agree pixel for
+pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from senseflow.core.sampling import seeded_noise
+from senseflow.devices import module_device
+from senseflow.method import student_sample
+from senseflow.models.adapter import FamilyAdapter
+
+
+def _check(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+
+
+@torch.no_grad()
+def teacher_sample(
+    adapter: FamilyAdapter,
+    net: nn.Module,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    resolution: int,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Tensor:
+    """The teacher's own sampler (flow Euler / DDIM over ``adapter.sampling_levels(steps)``) with
+    guidance ``guidance`` (1 = the plain conditional prediction, one pass); decoded images, NCHW.
+    """
+    _check(prompts, seeds)
+    device = module_device(net)
+    levels = adapter.sampling_levels(steps).to(device)
+    shape = adapter.sample_shape(resolution)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        x = seeded_noise(shape, seeds[start : start + batch_size]).to(device)
+        cond = adapter.encode_prompts(chunk)
+        scale = torch.full((len(chunk),), float(guidance), device=device)
+        for i in tqdm(range(steps), desc="teacher", disable=not progress, leave=False):
+            level, nxt = levels[i].expand(len(chunk)), levels[i + 1].expand(len(chunk))
+            if guidance == 1.0:
+                output = adapter.forward(net, x, level, cond)
+            else:
+                output = adapter.guided_predict(net, x, level, cond, scale)
+            x = adapter.param.step_to(x, output, level, nxt)
+        out.append(adapter.decode(x).float())
+    return torch.cat(out).clamp(-1, 1)
+
+
+@torch.no_grad()
+def student_images(
+    adapter: FamilyAdapter,
+    generator: nn.Module,
+    anchor_levels: Tensor,
+    resolution: int,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    mode: str,
+) -> Tensor:
+    """Decoded student images in [-1, 1] (NCHW), one per (prompt, seed), from the few-step chain.
+
+    Each sample owns one random stream seeded by its seed: the initial noise first, then the
+    fresh noise of every renoising step, so a batch's composition never changes an image.
+    """
+    _check(prompts, seeds)
+    streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def fresh(like: Tensor) -> Tensor:
+        return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g) for g in streams]).to(like)
+
+    device = module_device(generator)
+    noise = fresh(torch.empty(len(seeds), *adapter.sample_shape(resolution), device=device))
+    cond = adapter.encode_prompts(list(prompts))
+    fn = lambda x, level: adapter.forward(generator, x, level, cond)  # noqa: E731
+    x0 = student_sample(fn, noise, anchor_levels.to(device), adapter.param, mode, generator=fresh)
+    return adapter.decode(x0).float().clamp(-1, 1)

@@ -1,0 +1,103 @@
+"""One registry per kind of name: its entries' rules are what the schema checks, its builders what a
+run builds, and a field nothing reads is refused rather than ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import senseflow.config.registry as registry
+from senseflow.config import ConfigError, load_config, save_resolved
+from senseflow.config.registry import FamilySpec, available, register_family
+from senseflow.models import build_adapter
+from senseflow.models.build import build_generator
+from senseflow.models.discriminators import build_discriminator
+from senseflow.train.data import build_stream
+from tests.trainer_helpers import RECIPE
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _toy(*overrides):
+    return load_config(RECIPE, list(overrides))
+
+
+def test_built_ins():
+    assert "toy" in available("family") and "toy" in available("data")
+    assert {"toy", "dmd2_head"} <= set(available("discriminator"))
+    assert "sdxl" not in available("family")  # planned: rules only
+
+
+@pytest.mark.parametrize("recipe", ["sdxl.yaml", "sd35_large.yaml", "sd35_medium.yaml", "flux_dev.yaml"])
+def test_planned_families_validate_and_refuse_to_build_with_one_message(recipe):
+    cfg = load_config(CONFIGS / recipe)
+    with pytest.raises(
+        ValueError, match=r"model\.family: '\w+' is a valid recipe value but this version cannot"
+    ):
+        build_adapter(cfg)
+
+
+def test_planned_data_kind_refuses_to_build():
+    cfg = load_config(CONFIGS / "sd35_large.yaml")
+    with pytest.raises(ValueError, match=r"data\.kind: 'json' is a valid recipe value"):
+        build_stream(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("data.path=somewhere", "data.path"),
+        ("data.kind=json data.path=x.json", "data.kind"),
+        ("method.gan.backbone=facebook/dinov2-base", "method.gan.backbone"),
+        ("method.gan.text_encoder=clip", "method.gan.text_encoder"),
+        ("method.gan.reference_encoder=clip", "method.gan.reference_encoder"),
+        ("method.gan.feature_blocks=[3]", "method.gan.feature_blocks"),
+        ("method.gan.head_trains_fake=false", "method.gan.head_trains_fake"),
+        ("method.dmd.guidance_kind=embedding", "method.dmd.guidance_kind"),
+        ("data.resolution=33", None),  # any resolution: the toy family has no VAE factor
+    ],
+)
+def test_fields_nothing_reads_are_refused(override, field):
+    if field is None:
+        _toy(*override.split())
+        return
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        _toy(*override.split())
+
+
+def test_fields_a_discriminator_reads_are_accepted():
+    cfg = _toy(
+        "method.gan.type=dmd2_head", "method.gan.feature_blocks=[0]", "method.gan.head_trains_fake=false"
+    )
+    assert cfg.method.gan.feature_blocks == [0]
+
+
+def test_a_resolved_config_loads_back(tmp_path):
+    cfg = _toy("method.gan.type=dmd2_head", "method.gan.feature_blocks=[0]")
+    save_resolved(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_recipe_rules_come_from_the_registered_entry(monkeypatch):
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    register_family(
+        FamilySpec(
+            "tiny_latent", adapter=None, anchor_units=("t",), guidance_kinds=("cfg",), resolution_multiple=16
+        )
+    )
+    base = ["model.family=tiny_latent", "model.teacher=org/model", "data.resolution=32"]
+    with pytest.raises(ConfigError, match=r"model\.anchors\.units.*expected one of t"):
+        _toy(*base, "model.anchors.units=sigma", "model.anchors.values=[1.0,0.5]")
+    with pytest.raises(ConfigError, match=r"data\.resolution.*multiple of 16"):
+        _toy(*base[:2], "data.resolution=40")
+    cfg = _toy(*base)
+    with pytest.raises(ValueError, match="cannot build it yet"):
+        build_adapter(cfg)
+
+
+def test_discriminator_builders_come_from_the_registry(tiny_teacher_dir):
+    cfg = _toy(f"model.teacher={tiny_teacher_dir}")
+    adapter = build_adapter(cfg)
+    fake = build_generator(adapter)
+    assert build_discriminator(cfg.method.gan, adapter, fake).loss == "hinge"
