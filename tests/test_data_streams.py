@@ -116,3 +116,14 @@ def test_model_space_discriminator_decodes_only_on_logging_iterations(
     logs = [run.train_step() for _ in range(4)]
     assert decoded == [0, 2, 3]  # logging iterations 0 and 2, and the last one
     assert "image_std" in logs[0] and "image_std" not in logs[1]
+
+
+def test_batch_loader_returns_a_repeated_iteration_without_restarting(monkeypatch):
+    stream = ShapesStream("train", 2, seed=1)
+    loader = BatchLoader(stream, num_workers=1, stop=4)
+    first = loader.batch(0)
+    iterator = loader._it
+    assert loader.batch(0) is first and loader._it is iterator
+    loader.close()
+    assert loader._it is None
+    assert loader.batch(1).prompts == stream.batch(1).prompts

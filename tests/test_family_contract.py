@@ -131,3 +131,68 @@ def test_shard_units_and_feature_taps_fit_the_network(family):
         feat = out[-1] if isinstance(out, tuple) else out
         width = feat.shape[1] if feat.ndim == 4 else feat.shape[-1]
         assert width == tap.width
+
+
+def test_bf16_build_keeps_non_persistent_buffers_as_from_pretrained_does(tmp_path):
+    """A config-computed table (here SD3's position embedding without ``pos_embed_max_size``, a
+    non-persistent buffer) stays float32 in a bf16 build, as ``from_pretrained(torch_dtype=bf16)``
+    leaves it; what the state dict holds is cast."""
+    from diffusers import SD3Transformer2DModel
+
+    from senseflow.models.adapter import FamilyAdapter
+    from senseflow.models.build import safetensors_files
+
+    config = dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        pos_embed_max_size=None,
+    )
+    torch.manual_seed(0)
+    SD3Transformer2DModel(**config).save_pretrained(tmp_path / "transformer")
+
+    class Folder(FamilyAdapter):
+        def network_spec(self, role):
+            return SD3Transformer2DModel, config
+
+        def weight_files(self):
+            return safetensors_files(tmp_path / "transformer")
+
+        def encode_prompts(self, prompts):
+            raise NotImplementedError
+
+        def predict(self, net, x_t, level, cond, guidance=None):
+            raise NotImplementedError
+
+        def sample_shape(self, resolution):
+            return (4, resolution // 8, resolution // 8)
+
+    built = build_unsharded(Folder(), ("teacher",), torch.bfloat16, torch.bfloat16, "cpu")["teacher"]
+    stock = SD3Transformer2DModel.from_pretrained(tmp_path / "transformer", torch_dtype=torch.bfloat16)
+    stock_buffers = dict(stock.named_buffers())
+    assert stock_buffers, "the case needs a buffer"
+    for name, b in built.named_buffers():
+        assert b.dtype == stock_buffers[name].dtype and torch.equal(b, stock_buffers[name]), name
+    for name, p in stock.state_dict().items():
+        assert torch.equal(built.state_dict()[name], p), name
+
+
+def test_weights_that_do_not_fit_the_config_are_one_clear_error(family):
+    _, adapter = family
+    from senseflow.models.build import build_empty, materialise, read_weights
+
+    state = read_weights(adapter.weight_files())
+    state.pop(next(iter(state)))
+    state["extra.weight"] = torch.zeros(1)
+    net = build_empty(adapter, "generator", torch.float32)
+    with pytest.raises(
+        ValueError, match=r"generator: the teacher's weights do not fit .*1 missing.*1 unexpected"
+    ):
+        materialise(net, torch.device("cpu"), state, what="generator")

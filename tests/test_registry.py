@@ -101,3 +101,50 @@ def test_discriminator_builders_come_from_the_registry(tiny_teacher_dir):
     adapter = build_adapter(cfg)
     fake = build_generator(adapter)
     assert build_discriminator(cfg.method.gan, adapter, fake).loss == "hinge"
+
+
+def test_a_kind_registered_by_name_reads_a_path(monkeypatch):
+    monkeypatch.setattr(registry, "_DATA_KINDS", dict(registry._DATA_KINDS))
+    registry.register_data_kind("my_shards")
+    cfg = _toy("data.kind=my_shards", "data.path=somewhere", "model.family=sd3", "model.teacher=org/m")
+    assert cfg.data.path == "somewhere"
+
+
+def test_dmd2_head_reads_one_block():
+    with pytest.raises(ConfigError, match=r"method\.gan\.feature_blocks: the DMD2 head reads one block"):
+        _toy("method.gan.type=dmd2_head", "method.gan.feature_blocks=[3,5]")
+
+
+def test_a_planned_discriminator_is_refused_before_any_weight_is_read(
+    tiny_teacher_dir, tmp_path, monkeypatch
+):
+    import senseflow.train.trainer as trainer
+
+    read = []
+    monkeypatch.setattr(trainer, "read_weights", lambda files: read.append(files) or {})
+    cfg = _toy(f"model.teacher={tiny_teacher_dir}", f"output_dir={tmp_path}", "method.gan.type=vfm")
+    with pytest.raises(ValueError, match=r"method\.gan\.type: 'vfm' is a valid recipe value"):
+        trainer.Distiller(cfg, progress=False)
+    assert read == []
+
+
+def test_a_folder_does_not_hide_a_shipped_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sdxl").mkdir()  # e.g. a downloaded teacher folder
+    assert load_config("sdxl").model.family == "sdxl"
+
+
+def test_base_is_found_beside_the_recipe_or_shipped_never_in_the_working_directory(tmp_path, monkeypatch):
+    work, recipes = tmp_path / "work", tmp_path / "recipes"
+    work.mkdir()
+    recipes.mkdir()
+    (work / "sdxl.yaml").write_text("name: from_the_working_directory\n")
+    (recipes / "child.yaml").write_text("base: sdxl.yaml\nname: child\n")
+    monkeypatch.chdir(work)
+    cfg = load_config(recipes / "child.yaml")
+    assert cfg.model.family == "sdxl" and cfg.name == "child"  # the shipped sdxl recipe underneath
+    (recipes / "sdxl.yaml").write_text(
+        (CONFIGS / "sdxl.yaml").read_text().replace("name: ", "name: beside_", 1)
+    )
+    (recipes / "child.yaml").write_text("base: sdxl.yaml\n")
+    assert load_config(recipes / "child.yaml").name.startswith("beside_")

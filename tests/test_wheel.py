@@ -9,6 +9,7 @@ through a ``.pth`` file, so what is tested is the wheel's own content, not the n
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -27,22 +28,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp),
-            str(ROOT),
-        ],
-        check=True,
-        cwd=tmp,
-    )
+    # Build from a copy of what git would commit (tracked and new, unignored files), so no stale
+    # build/ or egg-info of the working tree can put a deleted module into the wheel.
+    source = tmp / "source"
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        src, dst = ROOT / name, source / name
+        if src.is_file() and not src.is_symlink():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp), str(source)]
+    subprocess.run([sys.executable, "-m", *pip_wheel], check=True, cwd=tmp)
     (wheel,) = tmp.glob("senseflow-*.whl")
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=False)

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from senseflow.config.errors import ConfigError, field_error, format_validation_error, suggest
-from senseflow.config.recipes import resolve_recipe, shipped_recipes
+from senseflow.config.recipes import resolve_recipe, shipped_recipe, shipped_recipes
 
 __all__ = [
     "BASE_KEY",
@@ -115,7 +115,7 @@ def _resolve_bases(
         parent = Path(os.path.expanduser(name))
         if not parent.is_absolute():  # beside the recipe, else a shipped recipe of that name
             local = base_dir / parent
-            parent = local if local.exists() else resolve_recipe(name)
+            parent = local if local.is_file() else (shipped_recipe(name) or local)
         merged = deep_merge(merged, _read_file(parent, stack))
     return deep_merge(merged, data)
 

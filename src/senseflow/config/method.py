@@ -232,13 +232,25 @@ class GANConfig(_Section):
             )
         spec = discriminator_spec(self.type)
         reads = spec.reads if spec is not None else frozenset()
-        for name in _DISCRIMINATOR_FIELDS - reads:
-            if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
-                raise field_error(
-                    name,
-                    f"not read by discriminator '{self.type}'; remove it (it reads "
-                    f"{', '.join(sorted(reads)) or 'none of ' + ', '.join(sorted(_DISCRIMINATOR_FIELDS))})",
+        defaults = {
+            n: type(self).model_fields[n].get_default(call_default_factory=True)
+            for n in _DISCRIMINATOR_FIELDS
+        }
+        for name in sorted(_DISCRIMINATOR_FIELDS - reads):
+            if getattr(self, name) != defaults[name]:
+                which = (
+                    f"it reads {', '.join(sorted(reads))}"
+                    if reads
+                    else "it reads no discriminator-specific field"
                 )
+                raise field_error(name, f"not read by discriminator '{self.type}'; remove it ({which})")
+        blocks = self.feature_blocks
+        if self.type == "dmd2_head" and blocks != defaults["feature_blocks"] and len(blocks) != 1:
+            raise field_error(
+                "feature_blocks",
+                f"the DMD2 head reads one block; expected one index such as [5], got {blocks} "
+                "(leave it out for the middle block)",
+            )
         return self
 
 

@@ -10,7 +10,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["recipes_root", "resolve_recipe", "shipped_recipes"]
+__all__ = ["recipes_root", "resolve_recipe", "shipped_recipe", "shipped_recipes"]
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -27,16 +27,22 @@ def shipped_recipes() -> list[str]:
     )
 
 
-def resolve_recipe(source: str | os.PathLike[str]) -> Path:
-    """``source`` when it exists, else the shipped recipe it names, else ``source`` unchanged (the
-    loader then reports the missing file with the shipped names as a hint)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    name = path.as_posix()
-    name = name.removeprefix("./").removeprefix("configs/")
+def shipped_recipe(name: str | os.PathLike[str]) -> Path | None:
+    """The shipped recipe ``name`` names (``toy/distill``, ``toy/distill.yaml``,
+    ``configs/toy/distill.yaml``), or None."""
+    name = Path(name).as_posix().removeprefix("./").removeprefix("configs/")
     root = recipes_root()
     for candidate in (root / name, *(root / f"{name}{s}" for s in SUFFIXES)):
         if candidate.is_file():
             return candidate
-    return path
+    return None
+
+
+def resolve_recipe(source: str | os.PathLike[str]) -> Path:
+    """``source`` when it is a file, else the shipped recipe it names, else ``source`` unchanged (the
+    loader then reports the missing file with the shipped names as a hint). A folder of the same name
+    (say a downloaded ``./sdxl/`` teacher) does not hide a shipped recipe."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    return shipped_recipe(source) or path

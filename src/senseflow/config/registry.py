@@ -88,15 +88,17 @@ def register_family(spec: FamilySpec | str) -> FamilySpec:
 
 
 def register_data_kind(spec: DataKindSpec | str) -> DataKindSpec:
-    if isinstance(spec, str):
-        spec = DataKindSpec(spec, stream=None)
+    if isinstance(spec, str):  # a name only: it reads a path and may prefetch, like the planned kinds
+        spec = DataKindSpec(spec, stream=None, reads=frozenset({"path", "num_workers"}))
     if not spec.name or not isinstance(spec.name, str):
         raise ValueError("data kind must be a non-empty string")
     _DATA_KINDS[spec.name] = spec
     return spec
 
 
-def register_discriminator(spec: DiscriminatorSpec) -> DiscriminatorSpec:
+def register_discriminator(spec: DiscriminatorSpec | str) -> DiscriminatorSpec:
+    if isinstance(spec, str):
+        spec = DiscriminatorSpec(spec, builder=None)
     if not spec.name or not isinstance(spec.name, str):
         raise ValueError("discriminator name must be a non-empty string")
     _DISCRIMINATORS[spec.name] = spec

@@ -143,6 +143,9 @@ class TeacherSource(ImageSource):
         return {
             "kind": "teacher",
             "family": self.cfg.model.family,
+            "cfg_convention": self.cfg.model.cfg_convention,
+            "guidance_kind": self.cfg.method.dmd.guidance_kind,
+            "teacher_dtype": self.cfg.precision.teacher_dtype,
             "checkpoint_sha256": _sha256_of_files(self.adapter.weight_files()),
             "sampler": "teacher",
             "steps": self.entry.steps,

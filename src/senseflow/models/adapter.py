@@ -67,7 +67,8 @@ class FamilyAdapter(ABC):
 
     def initial_weights(self, role: Role, teacher: dict[str, Tensor]) -> dict[str, Tensor]:
         """The weights a role starts from, given the teacher's (the identity unless a family drops or
-        renames entries for its student)."""
+        renames entries for its student). When the networks are sharded only rank 0 reads the teacher:
+        the other ranks pass an empty dict, and must get an empty dict back."""
         return teacher
 
     # ------------------------------------------------------------------ conditioning and calls

@@ -54,15 +54,20 @@ def read_weights(files: Iterable[Path]) -> dict[str, Tensor]:
 
 
 def _cast_storage(net: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Storage dtype as ``from_pretrained(torch_dtype=...)`` sets it: floating parameters and buffers
-    in ``dtype``, except the modules the class keeps in float32."""
+    """Storage dtype as ``from_pretrained(torch_dtype=...)`` sets it: what the state dict holds
+    (floating parameters and persistent buffers) in ``dtype``, except in the modules the class keeps
+    in float32; non-persistent buffers (tables a config computes) stay as built."""
     if dtype == torch.float32:
         return net
-    net.to(dtype)
     keep = getattr(net, "_keep_in_fp32_modules", None) or []
     for name, module in net.named_modules():
-        if any(part in keep for part in name.split(".")):
-            module.to(torch.float32)
+        target = torch.float32 if any(part in keep for part in name.split(".")) else dtype
+        for key, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != target:
+                setattr(module, key, nn.Parameter(p.to(target), requires_grad=p.requires_grad))
+        for key, b in list(module._buffers.items()):
+            if b is not None and b.is_floating_point() and key not in module._non_persistent_buffers_set:
+                module._buffers[key] = b.to(target)
     return net
 
 
@@ -76,8 +81,33 @@ def build_empty(adapter: FamilyAdapter, role: Role, dtype: torch.dtype) -> nn.Mo
     return net.train(trainable).requires_grad_(trainable)
 
 
+def _check_keys(net: nn.Module, state: dict[str, Tensor], what: str, broadcast: bool) -> None:
+    """One clear error, on every rank, when the weights do not fit the network built from the config
+    (under ``broadcast`` only rank 0 holds them: it decides and tells the others)."""
+    problem = None
+    if not broadcast or torch.distributed.get_rank() == 0:
+        expected = set(net.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            problem = (
+                f"{what}: the teacher's weights do not fit the network its config builds "
+                f"({len(missing)} missing, e.g. {missing[:3]}; "
+                f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+            )
+    if broadcast:
+        verdict = [problem]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem:
+        raise ValueError(problem)
+
+
 def materialise(
-    net: nn.Module, device: torch.device, state: dict[str, Tensor] | None, broadcast: bool = False
+    net: nn.Module,
+    device: torch.device,
+    state: dict[str, Tensor] | None,
+    broadcast: bool = False,
+    what: str = "network",
 ) -> nn.Module:
     """Allocate ``net``'s storage on ``device`` and load ``state`` (``None``: leave it uninitialised,
     for weights loaded later).
@@ -85,6 +115,8 @@ def materialise(
     ``broadcast``: ``net`` is sharded (FSDP2) and ``state`` is rank 0's whole copy (other ranks pass
     an empty dict); torch's ``set_model_state_dict`` scatters it to every rank's shards.
     """
+    if state is not None:
+        _check_keys(net, state, what, broadcast)
     buffers = {name: b.detach().clone() for name, b in net.named_buffers()}
     net.to_empty(device=device)
     with torch.no_grad():
@@ -99,12 +131,7 @@ def materialise(
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
         set_model_state_dict(net, dict(state), options=options)  # it replaces entries of the dict it gets
     else:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{type(net).__name__}: the weights do not fit its config (missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]})"
-            )
+        net.load_state_dict(state, strict=True)
     return net
 
 
@@ -120,7 +147,8 @@ def build_unsharded(
     out = {}
     for role in roles:
         net = build_empty(adapter, role, teacher_dtype if role == "teacher" else train_dtype)
-        out[role] = materialise(net, torch.device(device), adapter.initial_weights(role, teacher))
+        weights = adapter.initial_weights(role, teacher)
+        out[role] = materialise(net, torch.device(device), weights, what=f"{role} ({type(adapter).__name__})")
     return out
 
 

@@ -300,4 +300,11 @@ def build_discriminator(gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.M
     spec = discriminator_spec(gan.type)
     if spec is None:
         raise ValueError(f"method.gan.type: '{gan.type}' is not registered")
-    return resolve_builder(spec, "method.gan.type")(gan, adapter, fake_score)
+    disc = resolve_builder(spec, "method.gan.type")(gan, adapter, fake_score)
+    if not isinstance(disc, Discriminator):
+        raise TypeError(
+            f"method.gan.type '{gan.type}': the builder returned a {type(disc).__name__}, which lacks the "
+            "Discriminator protocol (input_space, loss, noised, shares_fake_update, trainable_parameters, "
+            "fake_in_graph)"
+        )
+    return disc

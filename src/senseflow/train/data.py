@@ -50,18 +50,24 @@ class BatchLoader:
     """Hands the trainer the batch of each iteration, prepared ``data.num_workers`` processes ahead.
 
     With 0 workers the stream runs in the trainer's process. Asking for an iteration other than the
-    next one (a resume) restarts the workers there, so the batches never depend on the prefetching.
+    next one (a resume) restarts the workers there, so the batches never depend on the prefetching;
+    asking again for the last one returns it without a restart. Workers are forked processes, so a
+    stream works on the CPU and holds no CUDA state; the trainer moves each batch to its device.
     """
 
     def __init__(self, stream: BatchStream, num_workers: int, stop: int):
         self.stream, self.num_workers, self.stop = stream, num_workers, stop
         self._next: int | None = None
         self._it: Iterator[Batch] | None = None
+        self._last: tuple[int, Batch] | None = None
 
     def batch(self, index: int) -> Batch:
         if self.num_workers == 0:
             return self.stream.batch(index)
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
         if self._it is None or self._next != index:
+            self.close()
             loader = DataLoader(
                 _Iterations(self.stream, index, max(self.stop, index + 1)),
                 batch_size=None,
@@ -70,4 +76,11 @@ class BatchLoader:
             )
             self._it = iter(loader)
         self._next = index + 1
-        return next(self._it)
+        batch = next(self._it)
+        self._last = (index, batch)
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``batch`` starts them again): dropping the DataLoader's
+        iterator shuts its workers down."""
+        self._it, self._next, self._last = None, None, None

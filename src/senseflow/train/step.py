@@ -68,7 +68,22 @@ class SenseFlowStep:
         self.anchor_levels = anchor_levels  # a_0 .. a_{K-1}
         self.levels = levels  # a_0 .. a_{K-1} and the end of the last segment
         if discriminator is not None:
+            if discriminator.loss not in GAN_LOSSES:
+                raise ValueError(
+                    f"{type(discriminator).__name__} declares loss {discriminator.loss!r}; "
+                    f"expected one of {', '.join(GAN_LOSSES)}"
+                )
             self.g_loss, self.d_loss = GAN_LOSSES[discriminator.loss]
+
+    def generator_output(
+        self, x_in: Tensor, level_j: Tensor, cond: Conditioning, train: bool
+    ) -> tuple[Tensor, Tensor]:
+        """G's raw output at its input and the x0 it implies; through the call whose backward
+        synchronises gradients on a generator turn (``train``), without grad otherwise."""
+        call = self.nets.generator_train if train else self.nets.generator
+        with torch.set_grad_enabled(train):
+            out = call(x_in, level_j, cond)
+            return out, self.param.x0_from_output(x_in, out, level_j)
 
     def generator_input(
         self, x_real: Tensor, d: StepDraws, cond: Conditioning, rollout_steps: int | None = None

@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from senseflow.config.loader import dump_config, save_resolved
+from senseflow.config.registry import data_kind_spec, discriminator_spec, family_spec, resolve_builder
 from senseflow.config.schema import DistillConfig, OptimizerConfig
 from senseflow.devices import autocast, reshard, resolve_device, set_tf32, to_dtype
 from senseflow.method import check_ida_compatible, ida_update_, segment_ends
@@ -50,6 +51,15 @@ def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kwargs)
 
 
+def _check_buildable(cfg: DistillConfig) -> None:
+    """Stop before anything is loaded when the recipe names a family, data kind or discriminator that
+    this version can validate but not build."""
+    resolve_builder(family_spec(cfg.model.family), "model.family")
+    resolve_builder(data_kind_spec(cfg.data.kind), "data.kind")
+    if cfg.method.gan.type != "none":
+        resolve_builder(discriminator_spec(cfg.method.gan.type), "method.gan.type")
+
+
 def _check_supported(cfg: DistillConfig) -> None:
     """Refuse settings this version would otherwise silently mistrain with."""
     p = cfg.precision
@@ -68,6 +78,7 @@ def _check_supported(cfg: DistillConfig) -> None:
 class Distiller:
     def __init__(self, cfg: DistillConfig, progress: bool = True):
         _check_supported(cfg)
+        _check_buildable(cfg)
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -121,7 +132,8 @@ class Distiller:
         stream = build_stream(cfg, self.rank, self.world)
         self.data = BatchLoader(stream, cfg.data.num_workers, cfg.schedule.iterations)
         self.guard = NonFiniteGuard(cfg.health.nan_patience)
-        self.last_losses: dict[str, float] = {}
+        self.last_losses: dict[str, float] = {}  # the newest value of each loss (progress bar)
+        self.last_logs: dict[str, float] = {}
         self.iteration = 0
 
     def _build_networks(self) -> dict[str, torch.nn.Module]:
@@ -140,7 +152,14 @@ class Distiller:
         broadcast = is_sharded("generator", strategy)
         teacher = read_weights(self.adapter.weight_files()) if self.rank == 0 or not broadcast else {}
         for role, net in nets.items():
-            materialise(net, self.device, self.adapter.initial_weights(role, teacher), broadcast=broadcast)
+            weights = self.adapter.initial_weights(role, teacher)
+            materialise(
+                net,
+                self.device,
+                weights,
+                broadcast=broadcast,
+                what=f"{role} of {cfg.model.teacher or 'the teacher'}",
+            )
         return nets
 
     # ------------------------------------------------------------------ networks as the step calls them
@@ -228,18 +247,14 @@ class Distiller:
 
     def train_step(self) -> dict[str, float]:
         """One iteration (spec §2); returns its logged scalars."""
-        cfg, p, n, step = self.cfg, self.param, self.iteration, self.step
+        cfg, n, step = self.cfg, self.iteration, self.step
         batch = self.data.batch(n).to(self.device)
         x_real, cond = self.inputs(batch)
         everyone, d = self.draws(n, tuple(x_real.shape[1:]))
         x_in = step.generator_input(x_real, d, cond, rollout_steps=everyone.rollout_steps())
         level_j = self.levels[d.anchor_index]
         generator_turn = n % cfg.method.ttur_ratio == 0
-        with torch.set_grad_enabled(generator_turn):
-            out_in = self.predict(
-                self.generator_ddp if generator_turn else self.generator, x_in, level_j, cond
-            )
-            x0 = p.x0_from_output(x_in, out_in, level_j)
+        out_in, x0 = step.generator_output(x_in, level_j, cond, train=generator_turn)
         logs: dict[str, float] = {"iteration": n, "generator_turn": float(generator_turn)}
         losses: dict[str, Tensor] = {}
         if generator_turn:
@@ -259,8 +274,10 @@ class Distiller:
         logs["loss_fake"] = fake.item()
         disc = self.discriminator
         pixels = disc is not None and disc.input_space == "pixels"
-        # Decoding (a VAE pass for latent teachers) only for a pixel-space D or the logged statistics.
-        decoded = self.decode(x0) if pixels or self._logging_iteration(n) else None
+        # Decoding (a VAE pass for latent teachers) only for a pixel-space D or for the image statistics
+        # of a logged iteration (which rank 0 alone writes).
+        stats = self.rank == 0 and self._logging_iteration(n)
+        decoded = self.decode(x0) if pixels or stats else None
         fake_alone = disc is None or not disc.shares_fake_update
         if fake_alone and not self._non_finite({"fake": fake}):
             self.update("fake_score", fake)
@@ -275,7 +292,7 @@ class Distiller:
             elif not self._non_finite({"d": d_loss}):
                 self.update("discriminator", d_loss)
             logs.update(more)
-        if decoded is not None:
+        if stats:
             logs.update(image_stats(decoded, cfg.health))
         self.guard.end_iteration(self._non_finite(losses), n)
         self.last_losses.update({k: v for k, v in logs.items() if k.startswith("loss_")})
@@ -376,13 +393,23 @@ class Distiller:
         log = Logbook(self.run_dir, cfg.logging.tensorboard) if self.rank == 0 else None
         total = cfg.schedule.iterations
         bar = tqdm(total=total, initial=self.iteration, desc="distill", disable=not self.progress)
-        logs: dict[str, float] = {}
         start = time.perf_counter()
+        try:
+            self._loop(total, log, bar, start)
+        finally:
+            self.data.close()
+            bar.close()
+            if log is not None:
+                log.close()
+        return self.last_logs
+
+    def _loop(self, total: int, log: Logbook | None, bar, start: float) -> None:
+        cfg = self.cfg
         while self.iteration < total:
-            logs = self.train_step()
+            logs = self.last_logs = self.train_step()
             n = self.iteration
-            alarm = collapse_alarm(logs, cfg.health)
-            if log is not None and (logs["iteration"] % cfg.logging.every == 0 or n == total or alarm):
+            alarm = collapse_alarm(logs, cfg.health)  # on logged iterations, which carry the statistics
+            if log is not None and (logs["iteration"] % cfg.logging.every == 0 or n == total):
                 logs["seconds"] = round(time.perf_counter() - start, 3)
                 logs["alarm"] = alarm
                 log.write(logs, step=int(logs["iteration"]))
@@ -399,7 +426,3 @@ class Distiller:
             bar.set_postfix(
                 {k.removeprefix("loss_"): f"{v:.3g}" for k, v in self.last_losses.items()}, refresh=False
             )
-        bar.close()
-        if log is not None:
-            log.close()
-        return logs

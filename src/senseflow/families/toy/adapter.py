@@ -85,6 +85,4 @@ class ToyAdapter(FamilyAdapter):
 
 def build_toy_adapter(cfg: DistillConfig) -> ToyAdapter:
     """The registry's builder for ``model.family: toy``."""
-    adapter = ToyAdapter(cfg.model.teacher, cfg.model.anchors, cfg.model.cfg_convention)
-    adapter.guidance_kind = cfg.method.dmd.guidance_kind
-    return adapter
+    return ToyAdapter(cfg.model.teacher, cfg.model.anchors, cfg.model.cfg_convention)
