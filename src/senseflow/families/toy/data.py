@@ -22,6 +22,22 @@ def images_to_model_space(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+class ScenePool:
+    """The scenes of one split, drawn with a share of one-object scenes (they are few: 36 of 2,733)."""
+
+    def __init__(self, split: str, single_object_fraction: float = 0.2):
+        scenes = scenes_in_split(split)
+        self.singles = [s for s in scenes if s.relation is None]
+        self.pairs = [s for s in scenes if s.relation is not None]
+        if not self.singles or not self.pairs:
+            single_object_fraction = 1.0 if self.singles else 0.0
+        self.single_object_fraction = single_object_fraction
+
+    def draw(self, rng: np.random.Generator) -> SceneSpec:
+        pool = self.singles if rng.random() < self.single_object_fraction else self.pairs
+        return pool[int(rng.integers(len(pool)))]
+
+
 class ShapesBatches:
     def __init__(
         self,
@@ -32,24 +48,16 @@ class ShapesBatches:
         position: int = 0,
         image_size: int = IMAGE_SIZE,
     ):
-        scenes = scenes_in_split(split)
-        self.singles = [s for s in scenes if s.relation is None]
-        self.pairs = [s for s in scenes if s.relation is not None]
-        if not self.singles or not self.pairs:
-            single_object_fraction = 1.0 if self.singles else 0.0
+        self.scenes = ScenePool(split, single_object_fraction)
         self.split = split
         self.batch_size = batch_size
         self.seed = seed
-        self.single_object_fraction = single_object_fraction
         self.position = position
         self.image_size = image_size
 
     def batch(self, index: int) -> tuple[torch.Tensor, list[str]]:
         rng = np.random.default_rng([self.seed, index])
-        chosen = []
-        for _ in range(self.batch_size):
-            pool = self.singles if rng.random() < self.single_object_fraction else self.pairs
-            chosen.append(pool[int(rng.integers(len(pool)))])
+        chosen = [self.scenes.draw(rng) for _ in range(self.batch_size)]
         images = np.stack([render(s, rng, self.image_size)[0] for s in chosen])
         return images_to_model_space(images), [s.prompt for s in chosen]
 
@@ -85,19 +93,13 @@ class ShapesStream:
         single_object_fraction: float = 0.2,
         image_size: int = IMAGE_SIZE,
     ):
-        scenes = scenes_in_split(split)
-        self.singles = [s for s in scenes if s.relation is None]
-        self.pairs = [s for s in scenes if s.relation is not None]
-        if not self.singles or not self.pairs:
-            single_object_fraction = 1.0 if self.singles else 0.0
+        self.scenes = ScenePool(split, single_object_fraction)
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.single_object_fraction = single_object_fraction
         self.image_size = image_size
 
     def _sample(self, index: int, j: int) -> tuple[np.ndarray, SceneSpec]:
         rng = np.random.default_rng([self.seed, index, j])
-        pool = self.singles if rng.random() < self.single_object_fraction else self.pairs
-        scene = pool[int(rng.integers(len(pool)))]
+        scene = self.scenes.draw(rng)
         return render(scene, rng, self.image_size)[0], scene
 
     def batch(self, index: int) -> Batch:
