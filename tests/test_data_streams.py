@@ -127,3 +127,12 @@ def test_batch_loader_returns_a_repeated_iteration_without_restarting(monkeypatc
     loader.close()
     assert loader._it is None
     assert loader.batch(1).prompts == stream.batch(1).prompts
+
+
+def test_a_run_is_not_resumed_on_another_data_stream(tiny_teacher_dir, tmp_path, monkeypatch):
+    cfg = toy_cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=1", checkpoint_every=1)
+    Distiller(cfg, progress=False).run()
+    monkeypatch.setattr(ShapesStream, "identity", "shapes/some-other-sampling")
+    resumed = toy_cfg(tiny_teacher_dir, tmp_path, "schedule.iterations=2", "checkpoint.resume=latest")
+    with pytest.raises(ValueError, match=r"trained on data stream 'shapes/per-sample-seed/1'"):
+        Distiller(resumed, progress=False).run()

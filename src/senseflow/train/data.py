@@ -22,6 +22,13 @@ class BatchStream(Protocol):
         """This rank's batch of iteration ``index``."""
 
 
+def stream_identity(stream: BatchStream) -> str:
+    """What decides a stream's samples besides the recipe: its ``identity`` (a name a stream changes
+    when it starts drawing other samples for the same recipe), else its class. Checkpoints record
+    it, so a run is never resumed on other data than it started with."""
+    return getattr(stream, "identity", None) or f"{type(stream).__module__}.{type(stream).__qualname__}"
+
+
 def build_stream(cfg: DistillConfig, rank: int = 0, world: int = 1) -> BatchStream:
     spec = data_kind_spec(cfg.data.kind)
     if spec is None:

@@ -10,6 +10,7 @@ iteration comes from ``draws.draw_step`` so that resume and world size change no
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from senseflow.models.batch import Batch, Conditioning
 from senseflow.models.build import build_empty, materialise, read_weights
 from senseflow.models.discriminators import build_discriminator
 from senseflow.train import checkpoint as ckpt
-from senseflow.train.data import BatchLoader, build_stream
+from senseflow.train.data import BatchLoader, build_stream, stream_identity
 from senseflow.train.draws import draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
 from senseflow.train.logbook import Logbook
@@ -130,6 +131,7 @@ class Distiller:
         )
         self.batch = cfg.data.batch_size
         stream = build_stream(cfg, self.rank, self.world)
+        self.data_identity = stream_identity(stream)
         self.data = BatchLoader(stream, cfg.data.num_workers, cfg.schedule.iterations)
         self.guard = NonFiniteGuard(cfg.health.nan_patience)
         self.last_losses: dict[str, float] = {}  # the newest value of each loss (progress bar)
@@ -343,6 +345,7 @@ class Distiller:
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "guard": self.guard.state_dict(),
             "world_size": self.world,
+            "data_stream": self.data_identity,
         }
 
     def save(self) -> Path | None:
@@ -366,6 +369,19 @@ class Distiller:
     def resume(self, path: Path) -> None:
         modules = self.modules()
         state = ckpt.load_checkpoint(path, modules)
+        saved = state.get("data_stream")
+        if saved is None:
+            warnings.warn(
+                f"checkpoint {path} does not record its data stream (an earlier version wrote it); "
+                f"it continues on this version's ({self.data_identity})",
+                stacklevel=2,
+            )
+        elif saved != self.data_identity:
+            raise ValueError(
+                f"checkpoint.resume: {path} was trained on data stream {saved!r} but this version's is "
+                f"{self.data_identity!r}; resuming would continue on other samples (start a new run in "
+                "another output_dir)"
+            )
         for k, opt in self.optimizers.items():
             ckpt.load_optimizer(modules[k], opt, state["optimizers"][k])
         for k, sched in self.schedulers.items():

@@ -83,6 +83,8 @@ class ShapesStream:
     rank renders only its own samples and every world size sees the same global batch.
     """
 
+    identity = "shapes/per-sample-seed/1"  # recorded in checkpoints; change it when the samples change
+
     def __init__(
         self,
         split: str,
