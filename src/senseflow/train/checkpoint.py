@@ -159,7 +159,7 @@ def load_checkpoint(path: Path, modules: Mapping[str, nn.Module]) -> dict[str, A
         raise ValueError(f"checkpoint {path} has no weights for {missing} (it holds {meta['modules']})")
     for name, module in modules.items():
         set_model_state_dict(module, load_file(str(path / f"{name}.safetensors")), options=_SCATTER)
-    return torch.load(path / STATE, weights_only=False, map_location="cpu")
+    return torch.load(path / STATE, weights_only=True, map_location="cpu")  # plain data only, no code
 
 
 def clean_partial(root: Path) -> list[Path]:
