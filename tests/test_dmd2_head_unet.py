@@ -47,6 +47,9 @@ class UNetAdapter(FamilyAdapter):
     def sample_shape(self, resolution):
         return (4, resolution // 8, resolution // 8)
 
+    def sampling_levels(self, steps):
+        return torch.linspace(999, 0, steps + 1)
+
     def predict(self, net, x_t, level, cond, guidance=None):
         return net(x_t, self.param.model_timestep(level), encoder_hidden_states=cond.tensors["tokens"]).sample
 

@@ -14,7 +14,7 @@ from senseflow.config.registry import available
 from senseflow.models import build_adapter
 from senseflow.models.adapter import NETWORK_ROLES
 from senseflow.models.batch import Batch
-from senseflow.models.build import build_empty, build_networks, build_unsharded
+from senseflow.models.build import build_empty, build_networks, build_roles
 from tests.trainer_helpers import RECIPE
 
 # family -> (recipe, fixture name of a tiny teacher folder of that family)
@@ -53,7 +53,7 @@ def test_build_on_meta_has_no_weights_and_real_buffers(family):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_meta_build_then_load_equals_from_pretrained(family, dtype):
     _, adapter = family
-    nets = build_unsharded(adapter, NETWORK_ROLES, dtype, dtype, "cpu")
+    nets = build_roles(adapter, NETWORK_ROLES, dtype, dtype, "cpu")
     reference = _stock(adapter, dtype).state_dict()
     for role, net in nets.items():
         state = net.state_dict()
@@ -165,16 +165,16 @@ def test_bf16_build_keeps_non_persistent_buffers_as_from_pretrained_does(tmp_pat
         def weight_files(self):
             return safetensors_files(tmp_path / "transformer")
 
-        def encode_prompts(self, prompts):
-            raise NotImplementedError
+        def encode_prompts(self, prompts): ...  # building and loading need neither
 
-        def predict(self, net, x_t, level, cond, guidance=None):
-            raise NotImplementedError
+        def predict(self, net, x_t, level, cond, guidance=None): ...
+
+        def sampling_levels(self, steps): ...
 
         def sample_shape(self, resolution):
             return (4, resolution // 8, resolution // 8)
 
-    built = build_unsharded(Folder(), ("teacher",), torch.bfloat16, torch.bfloat16, "cpu")["teacher"]
+    built = build_roles(Folder(), ("teacher",), torch.bfloat16, torch.bfloat16, "cpu")["teacher"]
     stock = SD3Transformer2DModel.from_pretrained(tmp_path / "transformer", torch_dtype=torch.bfloat16)
     stock_buffers = dict(stock.named_buffers())
     assert stock_buffers, "the case needs a buffer"

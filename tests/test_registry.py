@@ -83,7 +83,7 @@ def test_recipe_rules_come_from_the_registered_entry(monkeypatch):
     monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
     register_family(
         FamilySpec(
-            "tiny_latent", adapter=None, anchor_units=("t",), guidance_kinds=("cfg",), resolution_multiple=16
+            "tiny_latent", builder=None, anchor_units=("t",), guidance_kinds=("cfg",), resolution_multiple=16
         )
     )
     base = ["model.family=tiny_latent", "model.teacher=org/model", "data.resolution=32"]
@@ -118,10 +118,11 @@ def test_dmd2_head_reads_one_block():
 def test_a_planned_discriminator_is_refused_before_any_weight_is_read(
     tiny_teacher_dir, tmp_path, monkeypatch
 ):
+    import senseflow.models.build as build
     import senseflow.train.trainer as trainer
 
     read = []
-    monkeypatch.setattr(trainer, "read_weights", lambda files: read.append(files) or {})
+    monkeypatch.setattr(build, "read_weights", lambda files: read.append(files) or {})
     cfg = _toy(f"model.teacher={tiny_teacher_dir}", f"output_dir={tmp_path}", "method.gan.type=vfm")
     with pytest.raises(ValueError, match=r"method\.gan\.type: 'vfm' is a valid recipe value"):
         trainer.Distiller(cfg, progress=False)

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -7,7 +8,9 @@ import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from senseflow.cli import main
-from senseflow.core.sampling import combine_guidance, flow_euler_sample, seeded_noise
+from senseflow.core.flow import FlowSchedule
+from senseflow.core.parameterisation import FlowParameterisation
+from senseflow.core.sampling import combine_guidance, seeded_noise
 from senseflow.families.toy.data import ShapesBatches
 from senseflow.families.toy.pipeline import ToyTeacher
 from senseflow.families.toy.text import PromptEncoder
@@ -95,9 +98,13 @@ def test_guidance_conventions():
 
 
 def test_euler_with_oracle_velocity_recovers_data():
+    """The teacher sampler's step (``param.step_to``, flow Euler) along the straight path."""
     x0 = torch.randn(2, 3, 4, 4)
     noise = seeded_noise((3, 4, 4), [1, 2])
-    out = flow_euler_sample(lambda x, s: noise - x0, noise, torch.linspace(1, 0, 7))
+    param, sigmas = FlowParameterisation(FlowSchedule()), torch.linspace(1, 0, 7)
+    out = noise
+    for s, s_next in itertools.pairwise(sigmas):
+        out = param.step_to(out, noise - x0, s.expand(2), s_next.expand(2))
     torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "DataKindSpec",
@@ -40,8 +40,9 @@ Builder = str | Callable[..., Any] | None
 class FamilySpec:
     """A teacher family: its adapter builder and the recipe rules that hold for every recipe of it."""
 
+    kind: ClassVar[str] = "family"
     name: str
-    adapter: Builder  # (DistillConfig) -> FamilyAdapter
+    builder: Builder  # (DistillConfig) -> FamilyAdapter
     anchor_units: tuple[str, ...]  # model.anchors.units it understands
     guidance_kinds: tuple[str, ...]  # method.dmd.guidance_kind it implements
     resolution_multiple: int = 1  # data.resolution must be a multiple (VAE factor x patch size)
@@ -55,8 +56,9 @@ class FamilySpec:
 class DataKindSpec:
     """A training-data reader: its stream builder and the ``data`` fields it reads."""
 
+    kind: ClassVar[str] = "data"
     name: str
-    stream: Builder  # (DistillConfig, rank, world) -> BatchStream
+    builder: Builder  # (DistillConfig, rank, world) -> BatchStream
     reads: frozenset[str] = field(default_factory=frozenset)  # optional data.* fields it honours
     needs_path: bool = True
     description: str = ""
@@ -66,6 +68,7 @@ class DataKindSpec:
 class DiscriminatorSpec:
     """A discriminator: its builder and the ``method.gan`` fields it reads besides the common ones."""
 
+    kind: ClassVar[str] = "discriminator"
     name: str
     builder: Builder  # (GANConfig, adapter, fake_score) -> Discriminator
     reads: frozenset[str] = field(default_factory=frozenset)
@@ -80,7 +83,7 @@ _DISCRIMINATORS: dict[str, DiscriminatorSpec] = {}
 def register_family(spec: FamilySpec | str) -> FamilySpec:
     """Add (or replace) a family. A bare name registers a family without rules or builder."""
     if isinstance(spec, str):
-        spec = FamilySpec(spec, adapter=None, anchor_units=(), guidance_kinds=())
+        spec = FamilySpec(spec, builder=None, anchor_units=(), guidance_kinds=())
     if not spec.name or not isinstance(spec.name, str):
         raise ValueError("family name must be a non-empty string")
     _FAMILIES[spec.name] = spec
@@ -89,7 +92,7 @@ def register_family(spec: FamilySpec | str) -> FamilySpec:
 
 def register_data_kind(spec: DataKindSpec | str) -> DataKindSpec:
     if isinstance(spec, str):  # a name only: it reads a path and may prefetch, like the planned kinds
-        spec = DataKindSpec(spec, stream=None, reads=frozenset({"path", "num_workers"}))
+        spec = DataKindSpec(spec, builder=None, reads=frozenset({"path", "num_workers"}))
     if not spec.name or not isinstance(spec.name, str):
         raise ValueError("data kind must be a non-empty string")
     _DATA_KINDS[spec.name] = spec
@@ -132,23 +135,14 @@ def discriminator_spec(name: str) -> DiscriminatorSpec | None:
 def available(kind: str) -> tuple[str, ...]:
     """Names of a registry ('family', 'data', 'discriminator') that this version can build."""
     table = {"family": _FAMILIES, "data": _DATA_KINDS, "discriminator": _DISCRIMINATORS}[kind]
-    return tuple(name for name, spec in table.items() if _builder_of(spec) is not None)
-
-
-def _builder_of(spec: FamilySpec | DataKindSpec | DiscriminatorSpec) -> Builder:
-    if isinstance(spec, FamilySpec):
-        return spec.adapter
-    if isinstance(spec, DataKindSpec):
-        return spec.stream
-    return spec.builder
+    return tuple(name for name, spec in table.items() if spec.builder is not None)
 
 
 def resolve_builder(spec: FamilySpec | DataKindSpec | DiscriminatorSpec, field_name: str) -> Callable:
     """The spec's builder as a callable; a planned entry gives one clear error naming the field."""
-    builder = _builder_of(spec)
-    kind = {FamilySpec: "family", DataKindSpec: "data", DiscriminatorSpec: "discriminator"}[type(spec)]
+    builder = spec.builder
     if builder is None:
-        ready = ", ".join(available(kind)) or "none"
+        ready = ", ".join(available(spec.kind)) or "none"
         raise ValueError(
             f"{field_name}: '{spec.name}' is a valid recipe value but this version cannot build it yet "
             f"(available: {ready})"
@@ -169,7 +163,7 @@ FLOW_UNITS = ("t", "sigma", "index")
 register_family(
     FamilySpec(
         "toy",
-        adapter="senseflow.families.toy.adapter:build_toy_adapter",
+        builder="senseflow.families.toy.adapter:build_toy_adapter",
         anchor_units=FLOW_UNITS,
         guidance_kinds=("cfg",),
         needs_teacher=False,
@@ -185,7 +179,7 @@ register_family(FamilySpec("flux", None, FLOW_UNITS, ("embedding", "cfg"), resol
 register_data_kind(
     DataKindSpec(
         "toy",
-        stream="senseflow.families.toy.data:build_toy_stream",
+        builder="senseflow.families.toy.data:build_toy_stream",
         reads=frozenset({"num_workers"}),
         needs_path=False,
         description="rendered (image, prompt) pairs of the shapes world's train split",

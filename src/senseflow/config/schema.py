@@ -134,6 +134,13 @@ class ModelConfig(_Section):
         default=None, description="Hub revision (branch, tag or commit) of the teacher."
     )
     anchors: AnchorsConfig = Field(description="Student anchor timesteps (§7).")
+    decode_chunk: PositiveInt = Field(
+        default=8,
+        description=(
+            "Samples the codec decodes at once (>= 1): a VAE decode at 1024 px is memory-bound, so lower it "
+            "to save memory; no effect on results (project default)."
+        ),
+    )
     cfg_convention: Literal["uncond_plus", "cond_plus"] = Field(
         default="uncond_plus",
         description=(

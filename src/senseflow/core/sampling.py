@@ -1,4 +1,4 @@
-"""Samplers shared by teachers and students, independent of any model family.
+"""Noise and guidance shared by every sampler (the samplers themselves: senseflow.models.sampling).
 
 Noise is drawn per sample from its own seed, so an image depends only on (prompt, seed) and not
 on which other prompts share its batch: a grid, an evaluation and a resumed job agree pixel for
@@ -7,17 +7,13 @@ pixel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
-
-from senseflow.core.flow import euler_step
 
 CfgConvention = Literal["uncond_plus", "cond_plus"]
-VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x, sigma[B]) -> velocity
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -43,16 +39,3 @@ def combine_guidance(
     if convention == "cond_plus":
         return cond + scale * (cond - uncond)
     raise ValueError(f"unknown cfg convention {convention!r}; expected 'uncond_plus' or 'cond_plus'")
-
-
-@torch.no_grad()
-def flow_euler_sample(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, progress: bool = False) -> Tensor:
-    """Integrate dx/dσ = v from pure noise at σ = sigmas[0] (1 for every teacher) down to sigmas[-1].
-
-    As in diffusers' pipelines, the start is the noise itself; a last σ of 0 gives the clean sample.
-    """
-    x = noise
-    for i in tqdm(range(len(sigmas) - 1), desc="euler", disable=not progress, leave=False):
-        sigma = sigmas[i].expand(x.shape[0])
-        x = euler_step(x, velocity(x, sigma), sigmas[i], sigmas[i + 1])
-    return x

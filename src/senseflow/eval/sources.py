@@ -121,7 +121,7 @@ class TeacherSource(ImageSource):
         from senseflow.config import load_config
         from senseflow.devices import resolve_device, to_dtype
         from senseflow.models import build_adapter
-        from senseflow.models.build import build_unsharded
+        from senseflow.models.build import build_roles
 
         if not entry.path or entry.steps is None or entry.guidance is None:
             raise ValueError(
@@ -136,7 +136,7 @@ class TeacherSource(ImageSource):
         self.device = resolve_device(device, field=f"model {entry.name!r}: device")
         self.adapter = build_adapter(self.cfg).to(self.device)
         dtype = to_dtype(self.cfg.precision.teacher_dtype, "precision.teacher_dtype")
-        self.net = build_unsharded(self.adapter, ("teacher",), dtype, dtype, self.device)["teacher"]
+        self.net = build_roles(self.adapter, ("teacher",), dtype, dtype, self.device)["teacher"]
 
     def identity(self) -> dict[str, Any]:
         resolution = self.cfg.data.resolution

@@ -14,13 +14,14 @@ from senseflow.models.batch import Batch, Conditioning
 
 def build_adapter(cfg: DistillConfig) -> FamilyAdapter:
     """The adapter of ``model.family``, from its registry entry's builder, with the recipe's guidance
-    kind and CFG convention (the schema has checked them against the family's rules)."""
+    kind, CFG convention (the schema has checked them against the family's rules) and decode chunk."""
     spec = family_spec(cfg.model.family)
     if spec is None:
         raise ValueError(f"model.family: '{cfg.model.family}' is not registered")
     adapter = resolve_builder(spec, "model.family")(cfg)
     adapter.guidance_kind = cfg.method.dmd.guidance_kind
     adapter.cfg_convention = cfg.model.cfg_convention
+    adapter.decode_chunk = cfg.model.decode_chunk
     return adapter
 
 

@@ -53,7 +53,7 @@ class FamilyAdapter(ABC):
     anchors: Anchors | None
     guidance_kind: Literal["cfg", "embedding"] = "cfg"
     cfg_convention: CfgConvention = "uncond_plus"
-    decode_chunk: int = 8  # samples decoded at once (a VAE decode at 1024 px is memory-bound)
+    decode_chunk: int = 8  # samples decoded at once; build_adapter sets the recipe's model.decode_chunk
 
     # ------------------------------------------------------------------ networks
 
@@ -128,9 +128,9 @@ class FamilyAdapter(ABC):
         w = scale.view(-1, *([1] * (c.ndim - 1))).to(c.dtype)
         return combine_guidance(c, u, w, self.cfg_convention)
 
+    @abstractmethod
     def sampling_levels(self, steps: int) -> Tensor:
         """The ``steps + 1`` levels of the teacher's own N-step sampler, ending at the clean level."""
-        raise NotImplementedError(f"{type(self).__name__} does not define its teacher sampler's levels")
 
     # ------------------------------------------------------------------ codec
 

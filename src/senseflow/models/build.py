@@ -12,7 +12,7 @@ files are read once per run and feed all three roles.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,21 +135,30 @@ def materialise(
     return net
 
 
-def build_unsharded(
+def build_roles(
     adapter: FamilyAdapter,
     roles: Iterable[Role],
     teacher_dtype: torch.dtype,
     train_dtype: torch.dtype,
     device: torch.device | str,
+    prepare: Callable[[nn.Module, Role], nn.Module] | None = None,
+    broadcast: bool = False,
 ) -> dict[str, nn.Module]:
-    """Whole networks for one process: built on meta, then loaded from one read of the teacher."""
-    teacher = read_weights(adapter.weight_files())
-    out = {}
+    """Build on meta, ``prepare`` (the parallel plan: checkpointing, sharding), then load from one
+    read of the teacher's files. With ``broadcast`` the networks are sharded and rank 0 alone reads
+    the files and scatters them; otherwise every process loads whole networks."""
+    files = adapter.weight_files()
+    nets = {}
     for role in roles:
         net = build_empty(adapter, role, teacher_dtype if role == "teacher" else train_dtype)
+        nets[role] = net if prepare is None else prepare(net, role)
+    reads = not broadcast or torch.distributed.get_rank() == 0
+    teacher = read_weights(files) if reads else {}
+    where = files[0].parent if files else type(adapter).__name__
+    for role, net in nets.items():
         weights = adapter.initial_weights(role, teacher)
-        out[role] = materialise(net, torch.device(device), weights, what=f"{role} ({type(adapter).__name__})")
-    return out
+        materialise(net, torch.device(device), weights, broadcast=broadcast, what=f"{role} ({where})")
+    return nets
 
 
 @dataclass
@@ -169,7 +178,7 @@ def build_networks(
 ) -> Networks:
     """Teacher, generator and fake score for one process (tests, tools); the trainer builds its own
     so that it can shard between building and loading."""
-    return Networks(**build_unsharded(adapter, NETWORK_ROLES, teacher_dtype, train_dtype, device))
+    return Networks(**build_roles(adapter, NETWORK_ROLES, teacher_dtype, train_dtype, device))
 
 
 def build_generator(

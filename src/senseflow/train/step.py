@@ -27,6 +27,7 @@ from senseflow.method import (
     isg_loss,
     isg_targets,
     isg_x0_targets,
+    segment_ends,
     time_weight,
 )
 from senseflow.models.batch import Conditioning
@@ -60,13 +61,13 @@ class SenseFlowStep:
         method: MethodConfig,
         param: Parameterisation,
         anchor_levels: Tensor,
-        levels: Tensor,
         nets: NetworkCalls,
         discriminator: Discriminator | None = None,
     ):
         self.m, self.param, self.nets, self.disc = method, param, nets, discriminator
         self.anchor_levels = anchor_levels  # a_0 .. a_{K-1}
-        self.levels = levels  # a_0 .. a_{K-1} and the end of the last segment
+        # a_0 .. a_{K-1} and the end of the last segment (clean, or the grid's first entry)
+        self.levels = segment_ends(anchor_levels, param, method.isg.last_segment_end)
         if discriminator is not None:
             if discriminator.loss not in GAN_LOSSES:
                 raise ValueError(

@@ -23,11 +23,11 @@ from senseflow.config.loader import dump_config, save_resolved
 from senseflow.config.registry import data_kind_spec, discriminator_spec, family_spec, resolve_builder
 from senseflow.config.schema import DistillConfig, OptimizerConfig
 from senseflow.devices import autocast, reshard, resolve_device, set_tf32, to_dtype
-from senseflow.method import check_ida_compatible, ida_update_, segment_ends
+from senseflow.method import check_ida_compatible, ida_update_
 from senseflow.models import build_adapter
 from senseflow.models.adapter import NETWORK_ROLES
 from senseflow.models.batch import Batch, Conditioning
-from senseflow.models.build import build_empty, materialise, read_weights
+from senseflow.models.build import build_roles
 from senseflow.models.discriminators import build_discriminator
 from senseflow.train import checkpoint as ckpt
 from senseflow.train.data import BatchLoader, build_stream, stream_identity
@@ -124,10 +124,8 @@ class Distiller:
             for k, opt in self.optimizers.items()
         }
         self.anchor_levels = self.param.anchor_levels(self.adapter.anchors).to(self.device)
-        # a_0 .. a_{K-1} and the end of the last segment (clean, or the grid's first entry)
-        self.levels = segment_ends(self.anchor_levels, self.param, cfg.method.isg.last_segment_end)
         self.step = SenseFlowStep(
-            cfg.method, self.param, self.anchor_levels, self.levels, self.network_calls(), self.discriminator
+            cfg.method, self.param, self.anchor_levels, self.network_calls(), self.discriminator
         )
         self.batch = cfg.data.batch_size
         stream = build_stream(cfg, self.rank, self.world)
@@ -138,31 +136,27 @@ class Distiller:
         self.last_logs: dict[str, float] = {}
         self.iteration = 0
 
+    @property
+    def levels(self) -> Tensor:
+        """a_0 .. a_{K-1} and the end of the last segment (the step's)."""
+        return self.step.levels
+
     def _build_networks(self) -> dict[str, torch.nn.Module]:
         """Build on meta, shard, then load: the teacher's files are read once (by rank 0 alone when
         the networks are sharded, which then scatters them) and start all three roles."""
         cfg, prec = self.cfg, self.cfg.precision
-        teacher_dtype = to_dtype(prec.teacher_dtype, "precision.teacher_dtype")
-        train_dtype = to_dtype(prec.param_dtype, "precision.param_dtype")
         strategy = cfg.parallel.strategy
-        nets = {}
-        for role in NETWORK_ROLES:
-            net = build_empty(self.adapter, role, teacher_dtype if role == "teacher" else train_dtype)
-            nets[role] = shard(
+        return build_roles(
+            self.adapter,
+            NETWORK_ROLES,
+            to_dtype(prec.teacher_dtype, "precision.teacher_dtype"),
+            to_dtype(prec.param_dtype, "precision.param_dtype"),
+            self.device,
+            prepare=lambda net, role: shard(
                 net, role, strategy, self.adapter, self.mesh, cfg.parallel.gradient_checkpointing
-            )
-        broadcast = is_sharded("generator", strategy)
-        teacher = read_weights(self.adapter.weight_files()) if self.rank == 0 or not broadcast else {}
-        for role, net in nets.items():
-            weights = self.adapter.initial_weights(role, teacher)
-            materialise(
-                net,
-                self.device,
-                weights,
-                broadcast=broadcast,
-                what=f"{role} of {cfg.model.teacher or 'the teacher'}",
-            )
-        return nets
+            ),
+            broadcast=is_sharded("generator", strategy),
+        )
 
     # ------------------------------------------------------------------ networks as the step calls them
 
