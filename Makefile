@@ -15,7 +15,7 @@ TEST_ASSET_FILES := constraints/eval-test.txt constraints/eval-test-scorers.txt 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints/cpu.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints/cpu.txt -e ".[dev,data]"
 	touch $(STAMP)
 
 $(TEST_ASSETS): $(STAMP) $(TEST_ASSET_FILES)

@@ -20,3 +20,34 @@ def tiny_teacher_dir(tmp_path_factory):
     """A pipeline-layout teacher folder from a 3-step training run of a tiny config."""
     torch.set_num_threads(1)
     return train_teacher(TINY_TEACHER, tmp_path_factory.mktemp("tiny_teacher"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """``tiny_folder(family, variant)``: a tiny random teacher of the real classes, written once."""
+    from senseflow.families.tiny import write_tiny_teacher
+
+    made = {}
+
+    def get(family: str, variant: str = "a"):
+        if (family, variant) not in made:
+            root = tmp_path_factory.mktemp(f"tiny_{family}_{variant}")
+            made[family, variant] = write_tiny_teacher(root / "teacher", family, variant)
+        return made[family, variant]
+
+    return get
+
+
+@pytest.fixture
+def tiny_sdxl_dir(tiny_folder):
+    return tiny_folder("sdxl", "a")
+
+
+@pytest.fixture
+def tiny_sd3_dir(tiny_folder):
+    return tiny_folder("sd3", "a")
+
+
+@pytest.fixture
+def tiny_flux_dir(tiny_folder):
+    return tiny_folder("flux", "a")

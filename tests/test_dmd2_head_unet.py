@@ -40,7 +40,7 @@ class UNetAdapter(FamilyAdapter):
     def weight_files(self):
         return []
 
-    def encode_prompts(self, prompts):
+    def encode_text(self, prompts):
         g = torch.Generator().manual_seed(len(prompts))
         return Conditioning({"tokens": torch.randn(len(prompts), 3, 12, generator=g)})
 

@@ -25,22 +25,24 @@ def _toy(*overrides):
 
 def test_built_ins():
     assert "toy" in available("family") and "toy" in available("data")
+    assert {"sdxl", "sd3", "flux"} <= set(available("family"))
     assert {"toy", "dmd2_head"} <= set(available("discriminator"))
-    assert "sdxl" not in available("family")  # planned: rules only
+    assert "vfm" not in available("discriminator")  # planned: rules only
 
 
 @pytest.mark.parametrize("recipe", ["sdxl.yaml", "sd35_large.yaml", "sd35_medium.yaml", "flux_dev.yaml"])
-def test_planned_families_validate_and_refuse_to_build_with_one_message(recipe):
+def test_a_hub_teacher_missing_from_the_cache_is_one_clear_error(recipe, tmp_path, monkeypatch):
+    """The shipped recipes name hub ids; without model.allow_download nothing is downloaded."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_config(CONFIGS / recipe)
-    with pytest.raises(
-        ValueError, match=r"model\.family: '\w+' is a valid recipe value but this version cannot"
-    ):
+    with pytest.raises(FileNotFoundError, match=r"model\.teacher: '[\w./-]+' is neither a local folder"):
         build_adapter(cfg)
 
 
 def test_planned_data_kind_refuses_to_build():
-    cfg = load_config(CONFIGS / "sd35_large.yaml")
-    with pytest.raises(ValueError, match=r"data\.kind: 'json' is a valid recipe value"):
+    cfg = load_config(CONFIGS / "sdxl.yaml", ["data.kind=latent_lmdb"])
+    with pytest.raises(ValueError, match=r"data\.kind: 'latent_lmdb' is a valid recipe value"):
         build_stream(cfg)
 
 

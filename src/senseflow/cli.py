@@ -9,10 +9,13 @@ from senseflow.config.loader import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from senseflow.data.cli import add_parser as add_cache_latents
     from senseflow.eval.cli import add_parser as add_eval
     from senseflow.experiments.toy.cli import add_parser as add_toy
     from senseflow.experiments.toy.demo import add_parser as add_demo
     from senseflow.generate import add_parser as add_generate
+    from senseflow.teacher_sample import add_parser as add_teacher_sample
+    from senseflow.train.cache_cli import add_parser as add_cache_text
     from senseflow.train.cli import add_parser as add_train
 
     parser = argparse.ArgumentParser(
@@ -21,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo(sub)
     add_train(sub)
+    add_cache_latents(sub)
+    add_cache_text(sub)
     add_generate(sub)
+    add_teacher_sample(sub)
     add_eval(sub)
     add_toy(sub)
     return parser

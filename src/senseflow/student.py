@@ -34,7 +34,7 @@ class Student:
         self.cfg = cfg
         self.checkpoint = checkpoint  # the checkpoint folder the weights came from, if any
         self.device = resolve_device(device, field="device")
-        self.adapter = build_adapter(cfg).to(self.device)
+        self.adapter = build_adapter(cfg, text_cache=False).to(self.device)  # any prompt, live
         dtype = to_dtype(cfg.precision.param_dtype, "precision.param_dtype")
         generator = build_generator(self.adapter, dtype, self.device)
         self.generator = generator.eval().requires_grad_(False)

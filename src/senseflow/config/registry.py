@@ -49,6 +49,7 @@ class FamilySpec:
     needs_teacher: bool = True  # model.teacher is required (else the family ships a default)
     hub: bool = True  # model.teacher may be a hub id with a revision
     data_kinds: tuple[str, ...] | None = None  # data.kind it trains on (None: any)
+    recipe: str | None = None  # the shipped recipe tools start from for this family (teacher-sample)
     description: str = ""
 
 
@@ -61,6 +62,7 @@ class DataKindSpec:
     builder: Builder  # (DistillConfig, rank, world) -> BatchStream
     reads: frozenset[str] = field(default_factory=frozenset)  # optional data.* fields it honours
     needs_path: bool = True
+    prompts_only: bool = False  # batches hold prompts only (no image, no latent)
     description: str = ""
 
 
@@ -154,8 +156,7 @@ def resolve_builder(spec: FamilySpec | DataKindSpec | DiscriminatorSpec, field_n
 
 
 # --------------------------------------------------------------------------------------------------
-# Built-in entries. SDXL, SD 3.5 and FLUX carry the rules of method spec §2-9; their adapters are
-# planned, so their recipes validate and building them says so.
+# Built-in entries. SDXL, SD 3.5 and FLUX carry the rules of method spec §2-9.
 # --------------------------------------------------------------------------------------------------
 
 FLOW_UNITS = ("t", "sigma", "index")
@@ -172,9 +173,39 @@ register_family(
         description="the shapes world's SD3 transformer in pixel space (shipped in the package)",
     )
 )
-register_family(FamilySpec("sdxl", None, ("ddpm_t",), ("cfg",), resolution_multiple=8))
-register_family(FamilySpec("sd3", None, FLOW_UNITS, ("cfg",), resolution_multiple=16))
-register_family(FamilySpec("flux", None, FLOW_UNITS, ("embedding", "cfg"), resolution_multiple=16))
+register_family(
+    FamilySpec(
+        "sdxl",
+        builder="senseflow.families.sdxl.adapter:build_sdxl_adapter",
+        recipe="sdxl",
+        anchor_units=("ddpm_t",),
+        guidance_kinds=("cfg",),
+        resolution_multiple=8,
+        description="StableDiffusionXLPipeline folders: UNet, two CLIP encoders, DDPM schedule",
+    )
+)
+register_family(
+    FamilySpec(
+        "sd3",
+        builder="senseflow.families.sd3.adapter:build_sd3_adapter",
+        recipe="sd35_large",
+        anchor_units=FLOW_UNITS,
+        guidance_kinds=("cfg",),
+        resolution_multiple=16,
+        description="StableDiffusion3Pipeline folders (SD 3.5 Large/Medium): MMDiT, CLIP-L/G + T5, flow",
+    )
+)
+register_family(
+    FamilySpec(
+        "flux",
+        builder="senseflow.families.flux.adapter:build_flux_adapter",
+        recipe="flux_dev",
+        anchor_units=FLOW_UNITS,
+        guidance_kinds=("embedding", "cfg"),
+        resolution_multiple=16,
+        description="FluxPipeline folders (FLUX.1-dev): packed latents, guidance embedding, CLIP + T5",
+    )
+)
 
 register_data_kind(
     DataKindSpec(
@@ -185,7 +216,36 @@ register_data_kind(
         description="rendered (image, prompt) pairs of the shapes world's train split",
     )
 )
-register_data_kind(DataKindSpec("json", None, frozenset({"path", "num_workers"})))
+# Every image kind shares one stream (senseflow.data.streams): order, resize and crop, bad samples,
+# SDXL's size/crop metadata and the latent cache, so they read the same optional fields.
+_IMAGE_READS = frozenset({"path", "num_workers", "crop", "min_side", "latent_cache"})
+_COLUMN_READS = _IMAGE_READS | {"prompt_column", "image_column"}
+for _name, _reads, _description in (
+    ("json", _IMAGE_READS, "the official SenseFlow JSON {keys, image_paths, prompts}"),
+    ("jsonl", _COLUMN_READS, "JSON lines: a prompt and an image path column per row"),
+    ("csv", _COLUMN_READS, "CSV with a header: a prompt and an image path column"),
+    ("tsv", _COLUMN_READS, "TSV with a header: a prompt and an image path column"),
+    ("folder", _IMAGE_READS, "images under a folder, each with a same-stem .txt caption"),
+    ("webdataset", _IMAGE_READS, "img2dataset tar shards: a tar, a folder or a {a..b} pattern"),
+    ("hf", _COLUMN_READS, "a datasets save_to_disk folder or parquet files"),
+):
+    register_data_kind(
+        DataKindSpec(
+            _name,
+            builder=f"senseflow.data.kinds:build_{_name}_stream",
+            reads=_reads,
+            description=_description,
+        )
+    )
+register_data_kind(
+    DataKindSpec(
+        "prompts",
+        builder="senseflow.data.kinds:build_prompt_stream",
+        reads=frozenset({"path", "num_workers"}),
+        prompts_only=True,
+        description="a prompt list (.txt, one per line, or a .json list): prompts-only batches",
+    )
+)
 register_data_kind(DataKindSpec("latent_lmdb", None, frozenset({"path", "num_workers"})))
 
 register_discriminator(

@@ -133,6 +133,41 @@ class ModelConfig(_Section):
     revision: str | None = Field(
         default=None, description="Hub revision (branch, tag or commit) of the teacher."
     )
+    variant: str | None = Field(
+        default=None,
+        description=(
+            "Weight-file variant of the teacher folder (e.g. fp16: the *.fp16.safetensors weight files)."
+        ),
+    )
+    allow_download: bool = Field(
+        default=False,
+        description=(
+            "Let a hub id be downloaded into the hub cache. False (default): a hub id must already be in "
+            "the local cache, so a run never downloads behind the user's back."
+        ),
+    )
+    text_cache: str = Field(
+        default="live",
+        description=(
+            "Where prompt encodings come from: 'live' (the text encoders run in the training process; small "
+            "runs and tests) or the folder `senseflow cache-text` wrote (the text encoders are not loaded)."
+        ),
+    )
+    max_sequence_length: PositiveInt | None = Field(
+        default=None,
+        description=(
+            "Token length of the T5 prompt encoding (SD 3.5, FLUX); None: the stock pipeline's default "
+            "(256 for SD 3.5, 512 for FLUX.1-dev)."
+        ),
+    )
+    uncond: Literal["folder", "zeros", "empty_prompt"] = Field(
+        default="folder",
+        description=(
+            "CFG's unconditional branch: 'folder' builds it as the stock pipeline does (SDXL: zeros when the "
+            "folder's force_zeros_for_empty_prompt is set, else the encoded empty prompt; SD 3.5: the empty "
+            "prompt), or force 'zeros' / 'empty_prompt'."
+        ),
+    )
     anchors: AnchorsConfig = Field(description="Student anchor timesteps (§7).")
     decode_chunk: PositiveInt = Field(
         default=8,
@@ -197,8 +232,11 @@ class DataConfig(_Section):
 
     kind: str = Field(
         description=(
-            "Dataset reader key: json (SD3.5/FLUX {keys, image_paths, prompts}), latent_lmdb (DMD2's LMDB of "
-            "SDXL VAE latents), toy, or one added with register_data_kind()."
+            "Dataset reader key: json (SD3.5/FLUX {keys, image_paths, prompts}), jsonl, csv, tsv, folder "
+            "(images with .txt captions), webdataset (img2dataset tar shards), hf (datasets folder or "
+            "parquet), prompts (a prompt list: prompts-only batches, needs method.backward_sim_prob 1 and "
+            "no discriminator), latent_lmdb (DMD2's LMDB of SDXL VAE latents; planned), toy, or one added "
+            "with register_data_kind()."
         )
     )
     path: str | None = Field(
@@ -213,6 +251,34 @@ class DataConfig(_Section):
     )
     num_workers: NonNegativeInt = Field(
         default=4, description="DataLoader worker processes (project default)."
+    )
+    prompt_column: str = Field(
+        default="prompt", description="Caption column of jsonl / csv / tsv / hf datasets."
+    )
+    image_column: str = Field(
+        default="image",
+        description=(
+            "Image column of jsonl / csv / tsv (a path, relative to the file) and hf datasets (an image "
+            "feature or bytes)."
+        ),
+    )
+    crop: Literal["center", "random"] = Field(
+        default="center",
+        description=(
+            "How an image resized to the resolution on its short side is cropped square: center, or at a "
+            "position drawn from (seed, sample) (deterministic, so resume and rank count agree)."
+        ),
+    )
+    min_side: PositiveInt | None = Field(
+        default=None,
+        description="Images whose short side is below this are skipped and counted; None: data.resolution.",
+    )
+    latent_cache: str | None = Field(
+        default=None,
+        description=(
+            "Folder `senseflow cache-latents` wrote: batches carry its VAE latents instead of images when "
+            "the cache matches the data, resolution, crop and the teacher's VAE (checked at start-up)."
+        ),
     )
 
     @field_validator("kind")
@@ -297,6 +363,19 @@ class DistillConfig(_Section):
                     "data.kind",
                     f"'{self.data.kind}' does not fit family '{family}'; expected one of "
                     f"{', '.join(spec.data_kinds)}",
+                )
+        data_spec = data_kind_spec(self.data.kind)
+        if data_spec is not None and data_spec.prompts_only:
+            # No real image: every generator input must be backward-simulated and nothing may need one.
+            clash = []
+            if self.method.backward_sim_prob < 1:
+                clash.append(f"method.backward_sim_prob is {self.method.backward_sim_prob} (needs 1.0)")
+            if self.method.gan.type != "none":
+                clash.append(f"method.gan.type is '{self.method.gan.type}' (needs none)")
+            if clash:
+                raise field_error(
+                    "data.kind",
+                    f"'{self.data.kind}' gives prompts only, no real image, but {' and '.join(clash)}",
                 )
         isg = self.method.isg
         grid = self.model.anchors.grid_values()

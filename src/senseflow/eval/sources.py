@@ -134,7 +134,7 @@ class TeacherSource(ImageSource):
             )
         self.cfg = load_config(entry.path)
         self.device = resolve_device(device, field=f"model {entry.name!r}: device")
-        self.adapter = build_adapter(self.cfg).to(self.device)
+        self.adapter = build_adapter(self.cfg, text_cache=False).to(self.device)  # any prompt, live
         dtype = to_dtype(self.cfg.precision.teacher_dtype, "precision.teacher_dtype")
         self.net = build_roles(self.adapter, ("teacher",), dtype, dtype, self.device)["teacher"]
 

@@ -73,9 +73,25 @@ class FamilyAdapter(ABC):
 
     # ------------------------------------------------------------------ conditioning and calls
 
+    # Where encode_prompts reads from instead of the text encoders: any object with
+    # ``lookup(prompts) -> Conditioning`` (the offline text cache). None: encode live.
+    text_cache: Any = None
+
     @abstractmethod
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts with the family's text encoders (frozen, no grad). Families load their
+        text encoders on the first call, so a run that reads a text cache never holds them."""
+
+    def text_identity(self) -> dict[str, Any]:
+        """What decides the encodings besides the prompt text (text-encoder weights, tokenizers, max
+        lengths): the key of the offline text cache. Families with text encoders override it."""
+        return {"family": type(self).__name__}
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Encode prompts with the family's text encoders (frozen, no grad)."""
+        """The prompts' conditioning: from the text cache when the run has one, else encoded now."""
+        if self.text_cache is not None:
+            return self.text_cache.lookup(list(prompts))
+        return self.encode_text(list(prompts))
 
     def conditioning(self, batch: Batch) -> Conditioning:
         """The batch's cached encodings when it has them, else the prompts encoded now."""
@@ -132,6 +148,24 @@ class FamilyAdapter(ABC):
     def sampling_levels(self, steps: int) -> Tensor:
         """The ``steps + 1`` levels of the teacher's own N-step sampler, ending at the clean level."""
 
+    # The folder's own scheduler, for sampling the teacher exactly as the stock pipeline does
+    # (models.sampling.scheduler_sample). Families with a diffusers scheduler override all three.
+
+    def folder_guidance_kind(self) -> Literal["cfg", "embedding"]:
+        """How the teacher folder's stock pipeline guides it (a recipe may choose otherwise)."""
+        return type(self).guidance_kind
+
+    def load_scheduler(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no diffusers scheduler")
+
+    def timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Extra arguments of the scheduler's ``set_timesteps``, as the stock pipeline passes them."""
+        return {}
+
+    def level_of_timestep(self, t: Tensor) -> Tensor:
+        """A scheduler timestep in this family's level convention (σ = t / T for flows)."""
+        return t
+
     # ------------------------------------------------------------------ codec
 
     def encode_pixels(self, images: Tensor) -> Tensor:
@@ -153,8 +187,11 @@ class FamilyAdapter(ABC):
             return self.decode_model(x)
         return torch.cat([self.decode_model(part) for part in x.split(self.decode_chunk)])
 
-    def model_inputs(self, batch: Batch) -> Tensor:
-        """The batch's real samples in the model space: from cached latents when it has them."""
+    def model_inputs(self, batch: Batch) -> Tensor | None:
+        """The batch's real samples in the model space: from cached latents when it has them (None
+        for a prompts-only batch)."""
+        if batch.prompts_only:
+            return None
         latents = batch.latents if batch.latents is not None else self.encode_pixels(batch.images)
         return self.to_model(latents)
 

@@ -42,19 +42,26 @@ class Conditioning:
 
 @dataclass(frozen=True)
 class Batch:
-    """One rank's share of an iteration's samples."""
+    """One rank's share of an iteration's samples.
+
+    A batch without images and latents is *prompts only*: it serves runs whose generator inputs all
+    come from backward simulation and that need no real sample (the data kind ``prompts``).
+    """
 
     prompts: list[str]
     images: Tensor | None = None  # RGB in [-1, 1], [B, 3, H, W]
     latents: Tensor | None = None  # raw latents from the codec's encode_pixels (no scale/shift)
     conditioning: Conditioning | None = None  # cached prompt encodings
     meta: dict[str, Tensor] = field(default_factory=dict)  # per-sample metadata, first dim = batch
+    keys: list[str] | None = None  # per-sample identity (file and crop) for caches keyed by sample
+
+    @property
+    def prompts_only(self) -> bool:
+        return self.images is None and self.latents is None
 
     def __post_init__(self) -> None:
         n = len(self.prompts)
-        if self.images is None and self.latents is None:
-            raise ValueError("a batch needs images or latents")
-        parts = {"images": self.images, "latents": self.latents, **self.meta}
+        parts = {"images": self.images, "latents": self.latents, "keys": self.keys, **self.meta}
         if self.conditioning is not None:
             parts["conditioning"] = self.conditioning
         for name, value in parts.items():
@@ -71,4 +78,5 @@ class Batch:
             latents=None if self.latents is None else self.latents.to(device),
             conditioning=None if self.conditioning is None else self.conditioning.to(device),
             meta={k: v.to(device) for k, v in self.meta.items()},
+            keys=self.keys,
         )

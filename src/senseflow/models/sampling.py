@@ -1,5 +1,6 @@
-"""The two samplers of every family: the teacher's N-step sampler with guidance, and the student's
-few-step chain. Both decode to RGB in [-1, 1].
+"""The samplers of every family: the teacher's N-step sampler with guidance (on the adapter's levels,
+or with the folder's own diffusers scheduler, step for step as the stock pipeline), and the
+student's few-step chain. ``teacher_sample`` and ``student_images`` decode to RGB in [-1, 1].
 
 Noise is drawn per sample from its own seed, so an image depends only on (prompt, seed) and not
 on which other prompts share its batch: a grid, an evaluation and a resumed job agree pixel for
@@ -18,6 +19,7 @@ from senseflow.core.sampling import seeded_noise
 from senseflow.devices import module_device
 from senseflow.method import student_sample
 from senseflow.models.adapter import FamilyAdapter
+from senseflow.models.batch import Conditioning
 
 
 def _check(prompts: Sequence[str], seeds: Sequence[int]) -> None:
@@ -88,3 +90,42 @@ def student_images(
     fn = lambda x, level: adapter.forward(generator, x, level, cond)  # noqa: E731
     x0 = student_sample(fn, noise, anchor_levels.to(device), adapter.param, mode, generator=fresh)
     return adapter.decode(x0).float().clamp(-1, 1)
+
+
+@torch.no_grad()
+def scheduler_sample(
+    adapter: FamilyAdapter,
+    net: nn.Module,
+    cond: Conditioning,
+    latents: Tensor,
+    steps: int,
+    guidance: float,
+    progress: bool = False,
+) -> Tensor:
+    """The teacher's sampler as the family's stock pipeline runs it: the folder's scheduler
+    (``set_timesteps`` with the pipeline's arguments, ``init_noise_sigma``, ``scale_model_input``,
+    ``step``) around the adapter's network call, the one training uses. ``latents`` are what a user
+    passes as ``latents=`` to the pipeline, in the model space's unpacked layout; returns the final
+    latents before decoding.
+
+    Guidance as the pipelines apply it: a guidance input for embedding families, else CFG when
+    ``guidance > 1`` (one batched pass over the conditional and unconditional branches).
+    """
+    scheduler = adapter.load_scheduler()
+    scheduler.set_timesteps(
+        steps, device=latents.device, **adapter.timesteps_kwargs(steps, tuple(latents.shape))
+    )
+    x = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers have neither this
+    n = len(x)
+    scale = torch.full((n,), float(guidance), device=x.device)
+    for t in tqdm(scheduler.timesteps, desc="teacher", disable=not progress, leave=False):
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        level = adapter.level_of_timestep(t.expand(n))
+        if adapter.guidance_kind == "embedding":
+            out = adapter.forward(net, x_in, level, cond, guidance=scale)
+        elif guidance > 1:
+            out = adapter.guided_predict(net, x_in, level, cond, scale)
+        else:
+            out = adapter.forward(net, x_in, level, cond)
+        x = scheduler.step(out.to(x.dtype), t, x, return_dict=False)[0]
+    return x

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from senseflow.config.loader import dump_config, save_resolved
 from senseflow.config.registry import data_kind_spec, discriminator_spec, family_spec, resolve_builder
 from senseflow.config.schema import DistillConfig, OptimizerConfig
+from senseflow.data import verify_latent_cache
 from senseflow.devices import autocast, reshard, resolve_device, set_tf32, to_dtype
 from senseflow.method import check_ida_compatible, ida_update_
 from senseflow.models import build_adapter
@@ -129,6 +130,7 @@ class Distiller:
         )
         self.batch = cfg.data.batch_size
         stream = build_stream(cfg, self.rank, self.world)
+        verify_latent_cache(stream, self.adapter)  # a latent cache must come from this teacher's VAE
         self.data_identity = stream_identity(stream)
         self.data = BatchLoader(stream, cfg.data.num_workers, cfg.schedule.iterations)
         self.guard = NonFiniteGuard(cfg.health.nan_patience)
@@ -217,8 +219,13 @@ class Distiller:
         """The batch's real samples in the model space (cached latents when it has them) and its
         conditioning (cached encodings when it has them)."""
         with autocast(self.device, self.autocast_dtype), torch.no_grad():
-            x_real = self.adapter.model_inputs(batch).float()
-        return x_real, self.adapter.conditioning(batch)
+            x_real = self.adapter.model_inputs(batch)
+        if x_real is None:
+            # A prompts-only batch: the schema allows it only when every generator input is simulated
+            # and no discriminator reads real samples, so these zeros give only the sample shape.
+            shape = self.adapter.sample_shape(self.cfg.data.resolution)
+            x_real = torch.zeros(len(batch), *shape, device=self.device)
+        return x_real.float(), self.adapter.conditioning(batch)
 
     def draws(self, n: int, sample_shape: tuple[int, ...]):
         """Iteration ``n``'s draws for the global batch, and this rank's slice of them."""

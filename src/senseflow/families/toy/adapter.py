@@ -23,6 +23,7 @@ from senseflow.models.adapter import FamilyAdapter, Role
 from senseflow.models.batch import Conditioning
 from senseflow.models.build import safetensors_files
 from senseflow.models.schedules import anchors_from_recipe, load_flow_schedule, parameterisation_for
+from senseflow.models.text_cache import files_identity
 
 
 class ToyAdapter(FamilyAdapter):
@@ -39,12 +40,25 @@ class ToyAdapter(FamilyAdapter):
         self.param = parameterisation_for(self.schedule, anchors)
         self.anchors = None if anchors is None else anchors_from_recipe(anchors, self.schedule)
         self.cfg_convention = cfg_convention
-        self.encoder = PromptEncoder(self.folder)
+        self._encoder: PromptEncoder | None = None  # loaded on first use; a text-cache run never loads it
+        self._device = None
         self._config = dict(SD3Transformer2DModel.load_config(self.folder, subfolder="transformer"))
         self._null: Conditioning | None = None
 
+    @property
+    def encoder(self) -> PromptEncoder:
+        if self._encoder is None:
+            self._encoder = PromptEncoder(self.folder)
+            if self._device is not None:
+                self._encoder.model.to(self._device)
+        return self._encoder
+
     def to(self, device) -> ToyAdapter:
-        self.encoder.model.to(device)
+        self._device = device
+        if self._encoder is not None:
+            self._encoder.model.to(device)
+        if self.text_cache is not None:
+            self.text_cache.to(device)
         self._null = None
         return self
 
@@ -60,7 +74,10 @@ class ToyAdapter(FamilyAdapter):
     def sampling_levels(self, steps: int) -> Tensor:
         return self.schedule.inference_sigmas(steps)
 
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+    def text_identity(self) -> dict[str, Any]:
+        return {"family": "toy", "files": files_identity(self.folder, ("text_encoder", "tokenizer"))}
+
+    def encode_text(self, prompts: list[str]) -> Conditioning:
         tokens, pooled = self.encoder(prompts)
         return Conditioning({"tokens": tokens, "pooled": pooled})
 

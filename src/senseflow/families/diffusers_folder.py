@@ -1,0 +1,287 @@
+"""A teacher folder in the diffusers pipeline layout, and what every diffusers family shares.
+
+:class:`TeacherFolder` reads what a folder states (``model_index.json``, each component's config,
+its weight files with their variant) and loads components with the classes ``model_index.json``
+names, as ``DiffusionPipeline.from_pretrained`` does, one component at a time. A hub id resolves to
+the local hub cache and is downloaded only when the recipe allows it.
+
+:class:`DiffusersAdapter` is the part of the SDXL, SD 3.5 and FLUX adapters that does not depend on
+the family: the VAE codec (scale, shift and per-channel statistics from the VAE's config), text
+encoders loaded on first use (so a run that reads a text cache never holds them), the folder's own
+scheduler for the teacher's sampler, and the identities caches are keyed by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from senseflow.config.common import looks_like_local_path
+from senseflow.models.adapter import FamilyAdapter, Role
+from senseflow.models.build import safetensors_files
+
+MODEL_INDEX = "model_index.json"
+# Files a diffusers pipeline needs from the hub: the index, every component's configs, tokenizer
+# files and weights inside component folders (not the single-file checkpoints some repositories
+# also keep at their root).
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+
+
+def resolve_teacher(teacher: str, revision: str | None = None, allow_download: bool = False) -> Path:
+    """A local folder as given, or a hub id from the hub cache (downloaded only with ``allow_download``)."""
+    path = Path(teacher).expanduser()
+    if path.is_dir():
+        return path
+    if looks_like_local_path(teacher) or path.exists():
+        raise FileNotFoundError(f"model.teacher: {teacher!r} is not a folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                teacher, revision=revision, local_files_only=not allow_download, allow_patterns=HUB_PATTERNS
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"model.teacher: {teacher!r} is neither a local folder nor in the hub cache; download it first "
+            f"(huggingface-cli download {teacher}) or set model.allow_download: true"
+        ) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher folder: {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def safetensors_fingerprint(path: Path) -> str:
+    """A cheap identity of a safetensors file: its header (every tensor's name, dtype, shape and
+    offsets), its size and its first and last MiB. Hashing a 10 GB text encoder whole at every start
+    would cost minutes; a retrained or converted file changes the header or the sampled bytes."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        digest.update(f.read(header_len))
+        digest.update(str(size).encode())
+        chunk = 1 << 20
+        digest.update(f.read(chunk))
+        f.seek(max(0, size - chunk))
+        digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TeacherFolder:
+    """The teacher's pipeline folder: what it states, and its components loaded on request."""
+
+    def __init__(self, path: Path, variant: str | None = None):
+        self.path = Path(path)
+        self.variant = variant
+        self.index = _read_json(self.path / MODEL_INDEX)
+
+    @classmethod
+    def from_recipe(cls, model_cfg: Any) -> TeacherFolder:
+        path = resolve_teacher(model_cfg.teacher, model_cfg.revision, model_cfg.allow_download)
+        return cls(path, model_cfg.variant)
+
+    def has(self, component: str) -> bool:
+        entry = self.index.get(component)
+        return isinstance(entry, list) and entry[0] is not None and entry[1] is not None
+
+    def component_class(self, component: str) -> type:
+        """The class ``model_index.json`` names for a component (diffusers or transformers)."""
+        if not self.has(component):
+            raise FileNotFoundError(f"teacher folder {self.path}: {MODEL_INDEX} names no '{component}'")
+        library, name = self.index[component]
+        return getattr(importlib.import_module(library), name)
+
+    def config(self, component: str) -> dict[str, Any]:
+        folder = self.path / component
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        return _read_json(folder / name)
+
+    def pipeline_flag(self, key: str, default: Any) -> Any:
+        """A pipeline-level setting saved in ``model_index.json`` (e.g. force_zeros_for_empty_prompt)."""
+        return self.index.get(key, default)
+
+    def weight_files(self, component: str) -> list[Path]:
+        stem = "model" if self.index[component][0] == "transformers" else "diffusion_pytorch_model"
+        return safetensors_files(self.path / component, stem=stem, variant=self.variant)
+
+    def load(self, component: str, dtype: torch.dtype | None = None) -> Any:
+        """A component from its subfolder with its own class (weights in ``dtype`` for networks)."""
+        cls = self.component_class(component)
+        if issubclass(cls, nn.Module):
+            # transformers names the argument dtype, diffusers torch_dtype
+            key = "dtype" if self.index[component][0] == "transformers" else "torch_dtype"
+            kwargs: dict[str, Any] = {"variant": self.variant}
+            if dtype is not None:
+                kwargs[key] = dtype
+            return cls.from_pretrained(self.path, subfolder=component, **kwargs)
+        if self.index[component][0] == "diffusers":  # a scheduler
+            return cls.from_pretrained(self.path, subfolder=component)
+        return cls.from_pretrained(self.path / component)  # a tokenizer
+
+    def fingerprint(self, component: str) -> dict[str, str]:
+        """Identity of a component's files: weights by :func:`safetensors_fingerprint`, the rest
+        (configs, tokenizer vocabularies) by content."""
+        folder = self.path / component
+        out = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = str(path.relative_to(folder))
+            if path.suffix == ".safetensors":
+                if self.variant is None and len(path.suffixes) > 1:
+                    continue  # another variant's weights
+                out[name] = safetensors_fingerprint(path)
+            elif path.suffix in (".json", ".txt", ".model"):
+                out[name] = _file_hash(path)
+        return out
+
+
+class DiffusersAdapter(FamilyAdapter):
+    """Shared by the diffusers families: set ``NETWORK`` (the denoiser's component) and
+    ``TEXT_COMPONENTS`` (tokenizer and encoder pairs, in the pipeline's order)."""
+
+    NETWORK: str = "transformer"
+    TEXT_COMPONENTS: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, folder: TeacherFolder, text_dtype: torch.dtype = torch.float32):
+        self.folder = folder
+        self.network_config = folder.config(self.NETWORK)
+        self.vae_config = folder.config("vae")
+        self.text_dtype = text_dtype
+        self.device = torch.device("cpu")
+        self._vae: nn.Module | None = None
+        self._text: dict[str, Any] | None = None
+        self._null: Any = None
+
+    # ------------------------------------------------------------------ networks
+
+    def network_spec(self, role: Role) -> tuple[type[nn.Module], dict[str, Any]]:
+        return self.folder.component_class(self.NETWORK), dict(self.network_config)
+
+    def weight_files(self) -> list[Path]:
+        return self.folder.weight_files(self.NETWORK)
+
+    def to(self, device: torch.device | str) -> DiffusersAdapter:
+        self.device = torch.device(device)
+        if self._vae is not None:
+            self._vae.to(self.device)
+        for value in (self._text or {}).values():
+            if isinstance(value, nn.Module):
+                value.to(self.device)
+        if self.text_cache is not None:
+            self.text_cache.to(self.device)
+        self._null = None
+        return self
+
+    # ------------------------------------------------------------------ text encoders, loaded on first use
+
+    @property
+    def text(self) -> dict[str, Any]:
+        """Tokenizers and frozen text encoders by component name (absent components left out)."""
+        if self._text is None:
+            text: dict[str, Any] = {}
+            for tokenizer, encoder in self.TEXT_COMPONENTS:
+                if self.folder.has(encoder):
+                    text[tokenizer] = self.folder.load(tokenizer)
+                    model = self.folder.load(encoder, self.text_dtype)
+                    text[encoder] = model.to(self.device).eval().requires_grad_(False)
+            self._text = text
+        return self._text
+
+    def text_settings(self) -> dict[str, Any]:
+        """Settings besides the files that decide the encodings (max lengths, layer choices)."""
+        return {}
+
+    def text_identity(self) -> dict[str, Any]:
+        components = [c for pair in self.TEXT_COMPONENTS for c in pair if self.folder.has(c)]
+        return {
+            "family": type(self).__name__,
+            "files": {c: self.folder.fingerprint(c) for c in components},
+            "dtype": str(self.text_dtype),
+            **self.text_settings(),
+        }
+
+    # ------------------------------------------------------------------ codec
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae_config.get("latent_channels", 4))
+
+    @property
+    def vae(self) -> nn.Module:
+        """The autoencoder in float32 (decoding the student's samples for D and grids in full precision,
+        as the official code does)."""
+        if self._vae is None:
+            vae = self.folder.load("vae", torch.float32)
+            self._vae = vae.to(self.device).eval().requires_grad_(False)
+        return self._vae
+
+    def vae_identity(self) -> dict[str, Any]:
+        return {"files": self.folder.fingerprint("vae"), "encode": "posterior_mean"}
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw latent = model latent * std / scale + mean, per the VAE's config: per-channel
+        ``latents_mean``/``latents_std`` when it states them, else ``shift_factor`` and 1."""
+        cfg, n = self.vae_config, like.shape[1]
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            m = torch.tensor(mean, dtype=like.dtype, device=like.device).view(1, n, 1, 1)
+            s = torch.tensor(std, dtype=like.dtype, device=like.device).view(1, n, 1, 1)
+            return m, s
+        shift = float(cfg.get("shift_factor") or 0.0)
+        return torch.full((), shift, dtype=like.dtype, device=like.device), torch.ones((), device=like.device)
+
+    def encode_pixels(self, images: Tensor) -> Tensor:
+        """The VAE posterior's mean: deterministic, so a latent cache and a live run agree."""
+        vae = self.vae
+        return vae.encode(images.to(self.device, torch.float32)).latent_dist.mode()
+
+    def to_model(self, latents: Tensor) -> Tensor:
+        mean, std = self._latent_stats(latents)
+        return (latents - mean) * float(self.vae_config["scaling_factor"]) / std
+
+    def decode_model(self, x: Tensor) -> Tensor:
+        z = x.float()
+        mean, std = self._latent_stats(z)
+        z = z * std / float(self.vae_config["scaling_factor"]) + mean
+        return self.vae.decode(z, return_dict=False)[0]
+
+    def sample_shape(self, resolution: int) -> tuple[int, ...]:
+        side = resolution // self.vae_scale_factor
+        return (self.latent_channels, side, side)
+
+    # ------------------------------------------------------------------ the folder's sampler
+
+    def load_scheduler(self) -> Any:
+        return self.folder.load("scheduler")
+
+    def null_conditioning(self, n: int):
+        if self._null is None:
+            self._null = self.uncond_conditioning()
+        return type(self._null)({k: v.expand(n, *v.shape[1:]) for k, v in self._null.tensors.items()})
+
+    def uncond_conditioning(self):
+        """One sample of CFG's unconditional branch (the encoded empty prompt unless a family says)."""
+        return self.encode_prompts([""])

@@ -1,0 +1,184 @@
+"""FLUX.1-dev: ``FluxTransformer2DModel`` on packed latents, a guidance embedding instead of CFG.
+
+The model space is the unpacked latent [B, C, h, w], like every family's, so the method's maths and
+augmentations see images; ``predict`` packs 2x2 patches into tokens, builds ``img_ids`` (row and
+column of each token) and zero ``txt_ids`` as ``FluxPipeline`` does, and unpacks the output. The
+network sees σ in [0, 1]; the schedule's shift μ follows the number of image tokens when the folder's
+scheduler uses dynamic shifting. The conditioning is the pipeline's: CLIP's pooled output and T5's
+last hidden states (``model.max_sequence_length``, 512 by default).
+
+The teacher keeps its guidance embedding; the generator and the fake score are built from the same
+config with ``guidance_embeds=False`` and the teacher's weights minus the guidance embedder's, each
+dropped key recorded by name (``dropped_keys``) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from senseflow.config.common import AnchorsConfig
+from senseflow.config.schema import DistillConfig
+from senseflow.core.flow import flux_mu
+from senseflow.devices import to_dtype
+from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
+from senseflow.models.adapter import Role
+from senseflow.models.batch import Conditioning
+from senseflow.models.schedules import anchors_from_recipe, flow_schedule_from_config, parameterisation_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
+GUIDANCE_EMBEDDER = "time_text_embed.guidance_embedder."
+
+
+def pack(x: Tensor) -> Tensor:
+    """[B, C, h, w] -> [B, (h/2)(w/2), 4C]: 2x2 patches as tokens, in FluxPipeline's order."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """The exact inverse of :func:`pack` for a latent of height ``h`` and width ``w``."""
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Each token's (0, row, column) for a latent of height ``h`` and width ``w``."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxAdapter(DiffusersAdapter):
+    NETWORK = "transformer"
+    TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+    guidance_kind = "embedding"
+
+    def __init__(
+        self,
+        folder: TeacherFolder,
+        anchors: AnchorsConfig | None = None,
+        resolution: int = 1024,
+        max_sequence_length: int | None = None,
+        text_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(folder, text_dtype)
+        self.scheduler_config = folder.config("scheduler")
+        side = resolution // self.vae_scale_factor // 2
+        self.schedule = flow_schedule_from_config(self.scheduler_config, side * side, timestep_scale=1.0)
+        self.param = parameterisation_for(self.schedule, anchors)
+        self.anchors = None if anchors is None else anchors_from_recipe(anchors, self.schedule)
+        self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+        self.dropped_keys: list[str] = []
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.network_config["in_channels"]) // 4
+
+    @property
+    def teacher_has_guidance(self) -> bool:
+        return bool(self.network_config.get("guidance_embeds", False))
+
+    def folder_guidance_kind(self) -> str:
+        return "embedding" if self.teacher_has_guidance else "cfg"
+
+    def network_spec(self, role: Role) -> tuple[type[nn.Module], dict[str, Any]]:
+        cls, config = super().network_spec(role)
+        if role != "teacher":
+            config["guidance_embeds"] = False
+        return cls, config
+
+    def initial_weights(self, role: Role, teacher: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The teacher's weights; for the guidance-free roles without the guidance embedder."""
+        if role == "teacher" or not self.teacher_has_guidance:
+            return teacher
+        dropped = sorted(k for k in teacher if k.startswith(GUIDANCE_EMBEDDER))
+        if dropped:
+            self.dropped_keys = dropped
+            log.info("%s starts without the guidance embedding; dropped: %s", role, ", ".join(dropped))
+        return {k: v for k, v in teacher.items() if not k.startswith(GUIDANCE_EMBEDDER)}
+
+    def text_settings(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}
+
+    def _tokens(self, name: str, prompts: list[str], length: int) -> Tensor:
+        return self.text[name](
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        text = self.text
+        clip_length = text["tokenizer"].model_max_length
+        pooled = text["text_encoder"](self._tokens("tokenizer", prompts, clip_length)).pooler_output
+        t5 = text["text_encoder_2"](self._tokens("tokenizer_2", prompts, self.max_sequence_length))[0]
+        return Conditioning({"prompt_embeds": t5, "pooled": pooled.to(t5.dtype)})
+
+    def predict(
+        self, net: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor | None = None
+    ) -> Tensor:
+        has_guidance = bool(getattr(net.config, "guidance_embeds", False))
+        if has_guidance and guidance is None:
+            raise ValueError(
+                "this FLUX network has a guidance embedding and needs a guidance value "
+                "(method.dmd.guidance_kind 'embedding')"
+            )
+        if not has_guidance and guidance is not None:
+            raise ValueError(
+                "this FLUX network has no guidance embedding; use method.dmd.guidance_kind 'cfg'"
+            )
+        h, w = x_t.shape[-2:]
+        embeds = cond.tensors["prompt_embeds"]
+        out = net(
+            hidden_states=pack(x_t),
+            encoder_hidden_states=embeds,
+            pooled_projections=cond.tensors["pooled"],
+            timestep=self.param.model_timestep(level).to(x_t.dtype),
+            img_ids=image_ids(h, w, x_t.device, x_t.dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype),
+            guidance=None if guidance is None else guidance.float(),
+            return_dict=False,
+        )[0]
+        return unpack(out, h, w)
+
+    def _pipeline_t(self, steps: int) -> list[float]:
+        return np.linspace(1.0, 1 / steps, steps).tolist()
+
+    def sampling_levels(self, steps: int) -> Tensor:
+        """FluxPipeline's σ: t = linspace(1, 1/N, N), shifted, then 0."""
+        return self.schedule.inference_sigmas(steps, t_values=self._pipeline_t(steps))
+
+    def timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        cfg = self.scheduler_config
+        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        mu = flux_mu(
+            seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        sigmas = None if cfg.get("use_flow_sigmas", False) else self._pipeline_t(steps)
+        return {"sigmas": sigmas, "mu": mu}
+
+    def level_of_timestep(self, t: Tensor) -> Tensor:
+        return t / self.schedule.num_train_timesteps
+
+
+def build_flux_adapter(cfg: DistillConfig) -> FluxAdapter:
+    """The registry's builder for ``model.family: flux``."""
+    return FluxAdapter(
+        TeacherFolder.from_recipe(cfg.model),
+        cfg.model.anchors,
+        cfg.data.resolution,
+        cfg.model.max_sequence_length,
+        to_dtype(cfg.precision.teacher_dtype, "precision.teacher_dtype"),
+    )
