@@ -16,6 +16,7 @@ RESOLUTION = 64
 # What a CPU test changes in a shipped recipe: tiny sizes, float32, adamw (the SD 3.5 / FLUX recipes'
 # 8-bit AdamW needs bitsandbytes and a GPU), the DMD2 head (the VFM discriminator is not built yet).
 SMALL = [
+    "schedule.iterations=2",
     f"data.resolution={RESOLUTION}",
     "data.batch_size=2",
     "data.num_workers=0",

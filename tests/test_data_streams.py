@@ -51,8 +51,10 @@ def test_batch_loader_with_workers_gives_the_same_batches_and_restarts_on_resume
 
 
 def test_batch_checks_its_parts():
-    with pytest.raises(ValueError, match="images or latents"):
-        Batch(prompts=["a"])
+    assert Batch(prompts=["a"]).prompts_only  # neither images nor latents: a prompts-only batch
+    assert not Batch(prompts=["a"], images=torch.zeros(1, 3, 4, 4)).prompts_only
+    with pytest.raises(ValueError, match="keys holds 2 samples for 1 prompts"):
+        Batch(prompts=["a"], images=torch.zeros(1, 3, 4, 4), keys=["x", "y"])
     with pytest.raises(ValueError, match="2 samples for 1 prompts"):
         Batch(prompts=["a"], images=torch.zeros(2, 3, 4, 4))
 

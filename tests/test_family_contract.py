@@ -120,7 +120,8 @@ def test_decode_in_chunks_equals_one_pass(family):
     x = torch.randn(5, *adapter.sample_shape(cfg.data.resolution))
     whole = adapter.decode_model(x)
     adapter.decode_chunk = 2
-    torch.testing.assert_close(adapter.decode(x), whole)
+    # a VAE's convolutions may take another kernel path for another batch size: equal to float noise
+    torch.testing.assert_close(adapter.decode(x), whole, rtol=1e-4, atol=1e-4)
 
 
 def test_shard_units_and_feature_taps_fit_the_network(family):

@@ -102,10 +102,14 @@ def test_every_shipped_training_recipe_starts_or_refuses_in_one_line(installed, 
             "--quiet",
             check=False,
         )
-        if "trains" in next(line for line in listing if line.startswith(name + " ")):
+        if name.startswith("toy/"):  # the shipped teacher: trains anywhere
             assert result.returncode == 0, result.stderr
             assert "done: 1 iterations" in result.stdout
-        else:
+        else:  # a hub teacher not in this machine's cache, or a part this version lacks: one clear line
             assert result.returncode == 2
             errors = [line for line in result.stderr.splitlines() if line.startswith("senseflow: error")]
-            assert len(errors) == 1 and "cannot build it yet" in errors[0], result.stderr
+            assert len(errors) == 1, result.stderr
+            assert (
+                "cannot build it yet" in errors[0]
+                or "is neither a local folder nor in the hub cache" in errors[0]
+            )

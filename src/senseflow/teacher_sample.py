@@ -69,8 +69,7 @@ def teacher_sample(
     device = torch.device(device)
     adapter.to(device)
     net = build_roles(adapter, ("teacher",), dtype, dtype, device)["teacher"]
-    factor = adapter.vae_scale_factor
-    shape = (adapter.latent_channels, 2 * (height // (factor * 2)), 2 * (width // (factor * 2)))
+    shape = (adapter.latent_channels, *adapter.latent_size(height, width))
     if latents is None:
         latents = seeded_noise(shape, [seed + i for i in range(len(prompts))])
     elif tuple(latents.shape) != (len(prompts), *shape):

@@ -38,7 +38,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     from senseflow.models import build_adapter
 
     device = resolve_device(args.device or cfg.parallel.device)
-    adapter = build_adapter(cfg).to(device)
+    adapter = build_adapter(cfg, text_cache=False).to(device)  # only the VAE is used
 
     def encode(images):
         return adapter.encode_pixels(images.to(device))

@@ -99,6 +99,10 @@ class ImageStream:
         self.cache: LatentCache | None = None
         self._bad: set[int] = set()
 
+    def prompts(self) -> list[str]:
+        """Every prompt of the dataset (what ``senseflow cache-text`` encodes)."""
+        return [self.index.prompt(i) for i in range(len(self.index))]
+
     @property
     def skipped(self) -> int:
         """Bad samples this process has met (each counted once)."""
@@ -184,7 +188,7 @@ class PromptStream:
     def __init__(
         self, source: Path, prompts: list[str], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1
     ):
-        self.source, self.prompts = source, prompts
+        self.source, self._prompts = source, prompts
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.order = EpochOrder(len(prompts), seed)
         self.identity = f"prompts/{digest(prompts)}/n{len(prompts)}/{ORDER}"
@@ -193,7 +197,10 @@ class PromptStream:
     def batch(self, index: int) -> Batch:
         positions = rank_positions(index, self.batch_size, self.rank, self.world)
         ids = [next(self.order.candidates(g))[1] for g in positions]
-        return Batch(prompts=[self.prompts[i] for i in ids], keys=[f"{self.source.name}:{i}" for i in ids])
+        return Batch(prompts=[self._prompts[i] for i in ids], keys=[f"{self.source.name}:{i}" for i in ids])
+
+    def prompts(self) -> list[str]:
+        return list(self._prompts)
 
 
 def verify_latent_cache(stream, adapter) -> None:

@@ -34,7 +34,17 @@ MODEL_INDEX = "model_index.json"
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 
 
-def resolve_teacher(teacher: str, revision: str | None = None, allow_download: bool = False) -> Path:
+def hub_patterns(variant: str | None) -> list[str]:
+    """The files of a pipeline repository to fetch: weights of ``variant`` only (hub repositories
+    often hold fp32 and fp16 copies side by side)."""
+    weights = "*/*.safetensors" if variant is None else f"*/*.{variant}.safetensors"
+    extra = [] if variant is None else [f"*/*.{variant}.safetensors.index.json"]
+    return [p for p in HUB_PATTERNS if not p.endswith(".safetensors")] + [weights, *extra]
+
+
+def resolve_teacher(
+    teacher: str, revision: str | None = None, allow_download: bool = False, variant: str | None = None
+) -> Path:
     """A local folder as given, or a hub id from the hub cache (downloaded only with ``allow_download``)."""
     path = Path(teacher).expanduser()
     if path.is_dir():
@@ -42,14 +52,22 @@ def resolve_teacher(teacher: str, revision: str | None = None, allow_download: b
     if looks_like_local_path(teacher) or path.exists():
         raise FileNotFoundError(f"model.teacher: {teacher!r} is not a folder")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(
             snapshot_download(
-                teacher, revision=revision, local_files_only=not allow_download, allow_patterns=HUB_PATTERNS
+                teacher,
+                revision=revision,
+                local_files_only=not allow_download,
+                allow_patterns=hub_patterns(variant),
             )
         )
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"model.teacher: {teacher!r} is not an existing folder (resolved to {path.resolve()}) nor a hub "
+            "id of the form org/name"
+        ) from None
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"model.teacher: {teacher!r} is neither a local folder nor in the hub cache; download it first "
@@ -97,7 +115,9 @@ class TeacherFolder:
 
     @classmethod
     def from_recipe(cls, model_cfg: Any) -> TeacherFolder:
-        path = resolve_teacher(model_cfg.teacher, model_cfg.revision, model_cfg.allow_download)
+        path = resolve_teacher(
+            model_cfg.teacher, model_cfg.revision, model_cfg.allow_download, model_cfg.variant
+        )
         return cls(path, model_cfg.variant)
 
     def has(self, component: str) -> bool:
@@ -139,18 +159,18 @@ class TeacherFolder:
         return cls.from_pretrained(self.path / component)  # a tokenizer
 
     def fingerprint(self, component: str) -> dict[str, str]:
-        """Identity of a component's files: weights by :func:`safetensors_fingerprint`, the rest
-        (configs, tokenizer vocabularies) by content."""
+        """Identity of a component: the weight files this variant loads by
+        :func:`safetensors_fingerprint`, configs and tokenizer files by content. Names are relative to
+        the component folder, so the identity is the same wherever the folder lives and whichever
+        other variants sit beside it."""
         folder = self.path / component
         out = {}
+        if self.has(component) and issubclass(self.component_class(component), nn.Module):
+            for path in self.weight_files(component):
+                out[path.name] = safetensors_fingerprint(path)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            name = str(path.relative_to(folder))
-            if path.suffix == ".safetensors":
-                if self.variant is None and len(path.suffixes) > 1:
-                    continue  # another variant's weights
-                out[name] = safetensors_fingerprint(path)
-            elif path.suffix in (".json", ".txt", ".model"):
-                out[name] = _file_hash(path)
+            if path.suffix in (".json", ".txt", ".model") and not path.name.endswith(".index.json"):
+                out[str(path.relative_to(folder))] = _file_hash(path)
         return out
 
 
@@ -254,9 +274,11 @@ class DiffusersAdapter(FamilyAdapter):
         return torch.full((), shift, dtype=like.dtype, device=like.device), torch.ones((), device=like.device)
 
     def encode_pixels(self, images: Tensor) -> Tensor:
-        """The VAE posterior's mean: deterministic, so a latent cache and a live run agree."""
+        """The VAE posterior's mean: deterministic, so a latent cache and a live run agree. The VAE
+        runs in float32 even under the trainer's autocast (an fp16 SDXL VAE overflows)."""
         vae = self.vae
-        return vae.encode(images.to(self.device, torch.float32)).latent_dist.mode()
+        with torch.autocast(self.device.type, enabled=False):
+            return vae.encode(images.to(self.device, torch.float32)).latent_dist.mode()
 
     def to_model(self, latents: Tensor) -> Tensor:
         mean, std = self._latent_stats(latents)
@@ -266,11 +288,15 @@ class DiffusersAdapter(FamilyAdapter):
         z = x.float()
         mean, std = self._latent_stats(z)
         z = z * std / float(self.vae_config["scaling_factor"]) + mean
-        return self.vae.decode(z, return_dict=False)[0]
+        with torch.autocast(z.device.type, enabled=False):
+            return self.vae.decode(z, return_dict=False)[0]
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """The latent's (h, w) for an image, as the stock pipeline rounds it."""
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def sample_shape(self, resolution: int) -> tuple[int, ...]:
-        side = resolution // self.vae_scale_factor
-        return (self.latent_channels, side, side)
+        return (self.latent_channels, *self.latent_size(resolution, resolution))
 
     # ------------------------------------------------------------------ the folder's sampler
 

@@ -151,7 +151,7 @@ class FamilyAdapter(ABC):
     # The folder's own scheduler, for sampling the teacher exactly as the stock pipeline does
     # (models.sampling.scheduler_sample). Families with a diffusers scheduler override all three.
 
-    def folder_guidance_kind(self) -> Literal["cfg", "embedding"]:
+    def folder_guidance_kind(self) -> Literal["cfg", "embedding", "none"]:
         """How the teacher folder's stock pipeline guides it (a recipe may choose otherwise)."""
         return type(self).guidance_kind
 

@@ -108,8 +108,9 @@ def scheduler_sample(
     passes as ``latents=`` to the pipeline, in the model space's unpacked layout; returns the final
     latents before decoding.
 
-    Guidance as the pipelines apply it: a guidance input for embedding families, else CFG when
-    ``guidance > 1`` (one batched pass over the conditional and unconditional branches).
+    Guidance as the pipelines apply it: a guidance input for embedding families, CFG when
+    ``guidance > 1`` for CFG families (one batched pass over both branches), none for a folder whose
+    pipeline does not guide (``guidance_kind`` "none", e.g. a FLUX without guidance embedding).
     """
     scheduler = adapter.load_scheduler()
     scheduler.set_timesteps(
@@ -123,7 +124,7 @@ def scheduler_sample(
         level = adapter.level_of_timestep(t.expand(n))
         if adapter.guidance_kind == "embedding":
             out = adapter.forward(net, x_in, level, cond, guidance=scale)
-        elif guidance > 1:
+        elif adapter.guidance_kind == "cfg" and guidance > 1:
             out = adapter.guided_predict(net, x_in, level, cond, scale)
         else:
             out = adapter.forward(net, x_in, level, cond)

@@ -38,6 +38,8 @@ def dataset_prompts(cfg: DistillConfig, world: int = 1, progress: bool = True) -
     """
     from senseflow.train.data import build_stream
 
+    if getattr(cfg.data, "latent_cache", None):  # prompts only: the latent cache may not exist yet
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"latent_cache": None})})
     stream = build_stream(cfg, 0, world)
     listed = getattr(stream, "prompts", None)
     if callable(listed):

@@ -88,7 +88,12 @@ class FluxAdapter(DiffusersAdapter):
         return bool(self.network_config.get("guidance_embeds", False))
 
     def folder_guidance_kind(self) -> str:
-        return "embedding" if self.teacher_has_guidance else "cfg"
+        # FluxPipeline guides by the embedding, or not at all (true CFG only with a negative prompt)
+        return "embedding" if self.teacher_has_guidance else "none"
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        f = self.vae_scale_factor * 2  # whole 2x2 patches
+        return 2 * (height // f), 2 * (width // f)
 
     def network_spec(self, role: Role) -> tuple[type[nn.Module], dict[str, Any]]:
         cls, config = super().network_spec(role)
