@@ -50,6 +50,9 @@ class FamilySpec:
     hub: bool = True  # model.teacher may be a hub id with a revision
     data_kinds: tuple[str, ...] | None = None  # data.kind it trains on (None: any)
     recipe: str | None = None  # the shipped recipe tools start from for this family (teacher-sample)
+    # optional model.* fields it honours (variant, allow_download, text_cache, max_sequence_length,
+    # uncond); the others are refused unless at their default. None: no rule.
+    reads: frozenset[str] | None = None
     description: str = ""
 
 
@@ -170,6 +173,7 @@ register_family(
         needs_teacher=False,
         hub=False,
         data_kinds=("toy",),
+        reads=frozenset({"text_cache"}),
         description="the shapes world's SD3 transformer in pixel space (shipped in the package)",
     )
 )
@@ -178,6 +182,7 @@ register_family(
         "sdxl",
         builder="senseflow.families.sdxl.adapter:build_sdxl_adapter",
         recipe="sdxl",
+        reads=frozenset({"variant", "allow_download", "text_cache", "uncond"}),
         anchor_units=("ddpm_t",),
         guidance_kinds=("cfg",),
         resolution_multiple=8,
@@ -189,6 +194,7 @@ register_family(
         "sd3",
         builder="senseflow.families.sd3.adapter:build_sd3_adapter",
         recipe="sd35_large",
+        reads=frozenset({"variant", "allow_download", "text_cache", "uncond"}) | {"max_sequence_length"},
         anchor_units=FLOW_UNITS,
         guidance_kinds=("cfg",),
         resolution_multiple=16,
@@ -200,6 +206,7 @@ register_family(
         "flux",
         builder="senseflow.families.flux.adapter:build_flux_adapter",
         recipe="flux_dev",
+        reads=frozenset({"variant", "allow_download", "text_cache", "uncond"}) | {"max_sequence_length"},
         anchor_units=FLOW_UNITS,
         guidance_kinds=("embedding", "cfg"),
         resolution_multiple=16,

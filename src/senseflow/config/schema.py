@@ -213,6 +213,15 @@ class ModelConfig(_Section):
             raise field_error(
                 "revision", f"family '{self.family}' loads a local folder and has no hub revision; remove it"
             )
+        if spec.reads is not None:
+            optional = frozenset({"variant", "allow_download", "text_cache", "max_sequence_length", "uncond"})
+            unread = unread_fields_set(self, spec.reads, frozenset(type(self).model_fields) - optional)
+            if unread:
+                raise field_error(
+                    unread[0],
+                    f"family '{self.family}' does not read it; remove it (it reads: "
+                    f"{', '.join(sorted(spec.reads)) or 'none of the optional model fields'})",
+                )
         if spec.anchor_units and self.anchors.units not in spec.anchor_units:
             raise field_error(
                 "anchors.units",

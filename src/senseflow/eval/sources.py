@@ -149,7 +149,9 @@ class TeacherSource(ImageSource):
             "checkpoint_sha256": _sha256_of_files(self.adapter.weight_files()),
             "sampler": "teacher",
             "steps": self.entry.steps,
-            "nfe": self.entry.steps * (1 if self.entry.guidance == 1.0 else 2),
+            # CFG doubles the passes; a guidance embedding (FLUX) does not
+            "nfe": self.entry.steps
+            * (2 if self.adapter.guidance_kind == "cfg" and self.entry.guidance != 1 else 1),
             "guidance": self.entry.guidance,
             "resolution": [resolution, resolution],
         }

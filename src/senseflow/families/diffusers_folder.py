@@ -190,6 +190,7 @@ class DiffusersAdapter(FamilyAdapter):
         self._vae: nn.Module | None = None
         self._text: dict[str, Any] | None = None
         self._null: Any = None
+        self.zero_uncond = False
 
     # ------------------------------------------------------------------ networks
 
@@ -300,6 +301,8 @@ class DiffusersAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------ the folder's sampler
 
+    has_scheduler = True
+
     def load_scheduler(self) -> Any:
         return self.folder.load("scheduler")
 
@@ -309,5 +312,9 @@ class DiffusersAdapter(FamilyAdapter):
         return type(self._null)({k: v.expand(n, *v.shape[1:]) for k, v in self._null.tensors.items()})
 
     def uncond_conditioning(self):
-        """One sample of CFG's unconditional branch (the encoded empty prompt unless a family says)."""
-        return self.encode_prompts([""])
+        """One sample of CFG's unconditional branch: the encoded empty prompt, or zeros of its shapes
+        when ``zero_uncond`` (SDXL's ``force_zeros_for_empty_prompt``, or ``model.uncond: zeros``)."""
+        empty = self.encode_prompts([""])
+        if not self.zero_uncond:
+            return empty
+        return type(empty)({k: torch.zeros_like(v) for k, v in empty.tensors.items()})

@@ -155,6 +155,8 @@ class FamilyAdapter(ABC):
         """How the teacher folder's stock pipeline guides it (a recipe may choose otherwise)."""
         return type(self).guidance_kind
 
+    has_scheduler: bool = False  # True: load_scheduler gives the folder's diffusers scheduler
+
     def load_scheduler(self) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no diffusers scheduler")
 

@@ -39,18 +39,25 @@ def teacher_sample(
     batch_size: int = 64,
     progress: bool = False,
 ) -> Tensor:
-    """The teacher's own sampler (flow Euler / DDIM over ``adapter.sampling_levels(steps)``) with
-    guidance ``guidance`` (1 = the plain conditional prediction, one pass); decoded images, NCHW.
+    """The teacher's own sampler with guidance ``guidance``; decoded images, NCHW.
+
+    A family with a diffusers scheduler samples exactly as its stock pipeline (:func:`scheduler_sample`,
+    from the same per-sample noise); otherwise flow Euler / DDIM over ``adapter.sampling_levels(steps)``
+    (guidance 1 = the plain conditional prediction, one pass).
     """
     _check(prompts, seeds)
     device = module_device(net)
-    levels = adapter.sampling_levels(steps).to(device)
     shape = adapter.sample_shape(resolution)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
         x = seeded_noise(shape, seeds[start : start + batch_size]).to(device)
         cond = adapter.encode_prompts(chunk)
+        if adapter.has_scheduler:
+            final = scheduler_sample(adapter, net, cond, x, steps, guidance, progress)
+            out.append(adapter.decode(final).float())
+            continue
+        levels = adapter.sampling_levels(steps).to(device)
         scale = torch.full((len(chunk),), float(guidance), device=device)
         for i in tqdm(range(steps), desc="teacher", disable=not progress, leave=False):
             level, nxt = levels[i].expand(len(chunk)), levels[i + 1].expand(len(chunk))

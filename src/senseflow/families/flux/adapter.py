@@ -68,9 +68,11 @@ class FluxAdapter(DiffusersAdapter):
         anchors: AnchorsConfig | None = None,
         resolution: int = 1024,
         max_sequence_length: int | None = None,
+        uncond: str = "folder",
         text_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(folder, text_dtype)
+        self.zero_uncond = uncond == "zeros"  # CFG (guidance_kind cfg) only; the pipeline's is ""
         self.scheduler_config = folder.config("scheduler")
         side = resolution // self.vae_scale_factor // 2
         self.schedule = flow_schedule_from_config(self.scheduler_config, side * side, timestep_scale=1.0)
@@ -185,5 +187,6 @@ def build_flux_adapter(cfg: DistillConfig) -> FluxAdapter:
         cfg.model.anchors,
         cfg.data.resolution,
         cfg.model.max_sequence_length,
+        cfg.model.uncond,
         to_dtype(cfg.precision.teacher_dtype, "precision.teacher_dtype"),
     )

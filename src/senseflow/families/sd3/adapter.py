@@ -92,12 +92,6 @@ class SD3Adapter(DiffusersAdapter):
             }
         )
 
-    def uncond_conditioning(self) -> Conditioning:
-        empty = self.encode_prompts([""])
-        if not self.zero_uncond:
-            return empty
-        return Conditioning({k: torch.zeros_like(v) for k, v in empty.tensors.items()})
-
     def predict(
         self, net: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor | None = None
     ) -> Tensor:

@@ -67,12 +67,6 @@ class SDXLAdapter(DiffusersAdapter):
             raise ValueError(f"teacher folder {self.folder.path}: no text encoder gives a pooled projection")
         return Conditioning({"prompt_embeds": torch.cat(hidden, dim=-1), "pooled": pooled})
 
-    def uncond_conditioning(self) -> Conditioning:
-        empty = self.encode_prompts([""])
-        if not self.zero_uncond:
-            return empty
-        return Conditioning({k: torch.zeros_like(v) for k, v in empty.tensors.items()})
-
     def predict(
         self, net: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor | None = None
     ) -> Tensor:
