@@ -6,6 +6,12 @@ its short side equals the resolution, then cropped square: at the center (``(H -
 ``(W - R) // 2``) or at a position drawn from the generator the caller passes. The crop's top-left
 corner is in the resized image's pixels, and the original size is the decoded image's (after its
 EXIF orientation), as SDXL's micro-conditioning expects.
+
+Images with more than 8 bits per channel (16-bit grayscale PNGs: modes ``I;16*``; 32-bit integer
+``I``; float ``F``) are rescaled to 8 bits before the RGB conversion, which would otherwise clip
+every value above 255 to white: ``I;16*`` by its range 0..65535; ``I`` and ``F`` by the smallest
+of 1 (``F`` only), 255 and 65535 that holds the image's largest value (16-bit PNGs open as ``I`` in
+some Pillow versions), or by that value when it exceeds 65535; negative values become 0.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 class BadImage(Exception):
-    """An image that cannot be used: unreadable, truncated or too small. Streams skip it."""
+    """An image that cannot be used: unreadable, truncated or too small. Streams skip it.
+
+    ``short_side``: the decoded image's short side when it was refused as too small, else None."""
+
+    def __init__(self, message: str, short_side: int | None = None):
+        super().__init__(message)
+        self.short_side = short_side
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,26 @@ class Crop:
     top_left: tuple[int, int]  # (top, left) in resized pixels
 
 
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A single-channel image of more than 8 bits as mode ``L`` (see the module's note); any other
+    image as it is."""
+    if image.mode not in _WIDE_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        peak = float(values.max()) if values.size else 0.0
+        ranges = ((1.0,) if image.mode == "F" else ()) + (255.0, 65535.0)
+        top = next((r for r in ranges if peak <= r), peak)
+    values = np.nan_to_num(values, nan=0.0, posinf=top, neginf=0.0)
+    scaled = np.clip(values, 0.0, top) * (255.0 / top)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
+
+
 def load_image(source: bytes | str | Path, min_side: int) -> Image.Image:
     """The decoded RGB image (EXIF orientation applied); :class:`BadImage` when it cannot be read in
     full or its short side is below ``min_side``."""
@@ -41,11 +73,13 @@ def load_image(source: bytes | str | Path, min_side: int) -> Image.Image:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()  # a truncated file fails here, not later
-            rgb = image.convert("RGB")
+            rgb = to_8bit(image).convert("RGB")
     except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, ValueError, bomb errors)
         raise BadImage(f"unreadable ({type(exc).__name__}: {exc})") from None
     if min(rgb.size) < min_side:
-        raise BadImage(f"too small ({rgb.width}x{rgb.height}; short side below {min_side})")
+        raise BadImage(
+            f"too small ({rgb.width}x{rgb.height}; short side below {min_side})", short_side=min(rgb.size)
+        )
     return rgb
 
 

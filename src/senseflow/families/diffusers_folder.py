@@ -180,8 +180,11 @@ class DiffusersAdapter(FamilyAdapter):
 
     NETWORK: str = "transformer"
     TEXT_COMPONENTS: tuple[tuple[str, str], ...] = ()
+    PIPELINE: str = ""  # the stock pipeline class whose folders the family reads (for messages)
+    NETWORK_CLASS: type[nn.Module] = nn.Module  # what the denoiser must be (a subclass will do)
 
     def __init__(self, folder: TeacherFolder, text_dtype: torch.dtype = torch.float32):
+        self._check_layout(folder)
         self.folder = folder
         self.network_config = folder.config(self.NETWORK)
         self.vae_config = folder.config("vae")
@@ -191,6 +194,26 @@ class DiffusersAdapter(FamilyAdapter):
         self._text: dict[str, Any] | None = None
         self._null: Any = None
         self.zero_uncond = False
+
+    def _check_layout(self, folder: TeacherFolder) -> None:
+        """One clear error when the folder is another family's (or lacks a component)."""
+        needed = [self.NETWORK, "vae", "scheduler"]
+        missing = [c for c in needed if not folder.has(c)]
+        if missing:
+            found = sorted(k for k in folder.index if not k.startswith("_") and folder.has(k))
+            kind = folder.index.get("_class_name", "an unknown pipeline")
+            raise ValueError(
+                f"model.teacher: {folder.path} is a {kind} folder (components: {', '.join(found)}); "
+                f"model.family reads {self.PIPELINE} folders, which have {', '.join(needed)} "
+                f"(missing: {', '.join(missing)})"
+            )
+        cls = folder.component_class(self.NETWORK)
+        if not issubclass(cls, self.NETWORK_CLASS):
+            kind = folder.index.get("_class_name", "an unknown pipeline")
+            raise ValueError(
+                f"model.teacher: {folder.path} is a {kind} folder whose {self.NETWORK} is a {cls.__name__}; "
+                f"model.family reads {self.PIPELINE} folders (a {self.NETWORK_CLASS.__name__})"
+            )
 
     # ------------------------------------------------------------------ networks
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
 from senseflow.config.common import AnchorsConfig
@@ -59,6 +60,8 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
 
 class FluxAdapter(DiffusersAdapter):
     NETWORK = "transformer"
+    PIPELINE = "FluxPipeline"
+    NETWORK_CLASS = FluxTransformer2DModel
     TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     guidance_kind = "embedding"
 

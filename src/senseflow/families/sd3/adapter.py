@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel
 from torch import Tensor, nn
 
 from senseflow.config.common import AnchorsConfig
@@ -29,6 +30,8 @@ CLIP_MAX_LENGTH = 77  # the pipeline's fallback when the folder has no first tok
 
 class SD3Adapter(DiffusersAdapter):
     NETWORK = "transformer"
+    PIPELINE = "StableDiffusion3Pipeline"
+    NETWORK_CLASS = SD3Transformer2DModel
     TEXT_COMPONENTS = (
         ("tokenizer", "text_encoder"),
         ("tokenizer_2", "text_encoder_2"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
 from senseflow.config.common import AnchorsConfig
@@ -25,6 +26,8 @@ from senseflow.models.schedules import anchors_from_recipe, load_ddpm_schedule, 
 
 class SDXLAdapter(DiffusersAdapter):
     NETWORK = "unet"
+    PIPELINE = "StableDiffusionXLPipeline"
+    NETWORK_CLASS = UNet2DConditionModel
     TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     guidance_kind = "cfg"
 
