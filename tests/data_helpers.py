@@ -84,36 +84,54 @@ def write_dataset(kind: str, root: Path, items=None) -> Path:
         for number, part in enumerate([items[:half], items[half:]]):
             write_shard(root / f"{number:05d}.tar", part)
         return root / "{00000..00001}.tar"
-    if kind in ("hf", "parquet"):
-        import datasets
-
-        features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-        data = datasets.Dataset.from_dict(
-            {"image": [{"bytes": png_bytes(im), "path": None} for _, _, im in items], "caption": prompts},
-            features=features,
-        )
-        if kind == "parquet":
-            data.to_parquet(str(root / "train.parquet"))
-            return root / "train.parquet"
-        data.save_to_disk(str(root / "ds"))
+    if kind == "parquet":
+        return write_parquet(root / "train.parquet", items)
+    if kind == "hf":
+        hf_dataset(items).save_to_disk(str(root / "ds"))
         return root / "ds"
     raise ValueError(kind)
 
 
+def hf_dataset(items):
+    """``items`` as a ``datasets.Dataset`` with an Image column ``image`` and a ``caption``."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    return datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": png_bytes(im), "path": None} for _, _, im in items],
+            "caption": [p for _, p, _ in items],
+        },
+        features=features,
+    )
+
+
+def write_parquet(path: Path, items) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hf_dataset(items).to_parquet(str(path))
+    return path
+
+
 def write_shard(path: Path, items, extra_json: bool = True, captions: bool = True) -> Path:
     """An img2dataset-style tar: ``<key>.png``, ``<key>.txt`` and ``<key>.json`` per sample."""
+    members = []
+    for key, prompt, image in items:
+        members.append((f"{key}.png", png_bytes(image)))
+        if captions:
+            members.append((f"{key}.txt", prompt.encode()))
+        if extra_json:
+            members.append((f"{key}.json", json.dumps({"key": key, "caption": prompt}).encode()))
+    return write_members(path, members)
+
+
+def write_members(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar holding exactly ``members`` (name, content), in order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
-        for key, prompt, image in items:
-            members = [(f"{key}.png", png_bytes(image))]
-            if captions:
-                members.append((f"{key}.txt", prompt.encode()))
-            if extra_json:
-                members.append((f"{key}.json", json.dumps({"key": key, "caption": prompt}).encode()))
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return path
 
 

@@ -3,6 +3,7 @@ every format, and start-up errors that name the file or field at fault."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -19,15 +20,20 @@ from senseflow.data import BadImage, DataWarning, ImageStream, crop_geometry
 from senseflow.data.images import load_image, resize_and_crop
 from senseflow.data.index import folder_index
 from senseflow.data.webdataset import expand_braces
+from senseflow.families.toy.data import ScenePool, ShapesStream
+from senseflow.train.cache_cli import dataset_prompts
 from senseflow.train.data import BatchLoader, build_stream, stream_identity
 from tests.data_helpers import (
     RESOLUTION,
     SIZES,
     data_cfg,
     picture,
+    png_bytes,
     samples,
     write_dataset,
     write_images,
+    write_members,
+    write_parquet,
     write_shard,
 )
 
@@ -91,6 +97,36 @@ def test_images_become_rgb_with_their_exif_orientation(tmp_path):
     assert load_image(str(tmp_path / "rot.jpg"), 1).size == (20, 30)
 
 
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_16_bit_and_float_grayscale_images_keep_their_tones():
+    levels = np.linspace(0, 65535, 20 * 30).round().astype(np.uint16).reshape(20, 30)
+    png16 = Image.fromarray(levels)  # a 16-bit grayscale PNG, as scanners and renderers write them
+    assert png16.mode == "I;16"
+    data = _encoded(png16, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    rgb = np.asarray(load_image(data, 1))
+    expected = np.rint(levels / 257.0).astype(np.uint8)  # by the range of the mode: 65535 -> 255
+    assert rgb.shape == (20, 30, 3) and (rgb == expected[..., None]).all()
+    assert rgb.min() == 0 and rgb.max() == 255 and np.median(rgb) < 160  # not washed out to white
+
+    # 32-bit integers: the smallest of 255 and 65535 that holds the largest value
+    wide = (levels // 2).astype(np.int32)
+    assert Image.open(io.BytesIO(_encoded(Image.fromarray(wide), "TIFF"))).mode == "I"
+    got = np.asarray(load_image(_encoded(Image.fromarray(wide), "TIFF"), 1))[..., 0]
+    assert (got == np.rint(wide * (255 / 65535)).astype(np.uint8)).all()
+    dark = np.arange(600, dtype=np.int32).reshape(20, 30) % 256  # already in 8-bit range: unchanged
+    assert (np.asarray(load_image(_encoded(Image.fromarray(dark), "TIFF"), 1))[..., 0] == dark).all()
+    # floats in [0, 1] (negatives become 0)
+    unit = levels.astype(np.float32) / 65535 - np.float32(0.1)
+    got = np.asarray(load_image(_encoded(Image.fromarray(unit), "TIFF"), 1))[..., 0]
+    assert (got == np.rint(np.clip(unit.astype(np.float64), 0, 1) * 255).astype(np.uint8)).all()
+
+
 # ------------------------------------------------------------------------------------------ every kind
 
 
@@ -130,6 +166,54 @@ def test_keys_name_the_official_key_the_file_or_the_member(tmp_path):
     assert first_keys("hf")[0] == "row0"
 
 
+def test_tar_ids_keep_the_shard_folder_so_same_named_shards_differ(tmp_path):
+    laion = [(f"{n:06d}", f"laion caption {n}", picture(20, 20, n)) for n in range(3)]
+    coyo = [(f"{n:06d}", f"coyo caption {n}", picture(20, 20, 10 + n)) for n in range(3)]
+    write_shard(tmp_path / "d" / "laion" / "00000.tar", laion)
+    write_shard(tmp_path / "d" / "coyo" / "00000.tar", coyo)
+    stream = build_stream(data_cfg("webdataset", str(tmp_path / "d" / "{laion,coyo}" / "00000.tar")))
+    assert sorted(stream.index.ids) == sorted(
+        [f"laion/00000.tar/{n:06d}" for n in range(3)] + [f"coyo/00000.tar/{n:06d}" for n in range(3)]
+    )
+    batch = build_stream(
+        data_cfg("webdataset", str(tmp_path / "d" / "{laion,coyo}" / "00000.tar"), batch_size=6)
+    )
+    by_prompt = dict(zip(batch.batch(0).prompts, batch.batch(0).keys, strict=True))
+    assert by_prompt["coyo caption 1"].startswith("coyo/00000.tar/000001|")
+    # the same shard listed twice is the same images under the same ids: allowed
+    twice = build_stream(data_cfg("webdataset", str(tmp_path / "d" / "laion" / "{00000,00000}.tar")))
+    assert len(twice.index) == 6
+
+
+def test_an_id_naming_two_images_is_refused_at_start_up(tmp_path):
+    items = samples()[:5]
+    folder = tmp_path / "j"
+    paths = write_images(folder, items)
+    path = folder / "dup.json"
+    keys = ["a", "b", "a", "c", "b"]
+    path.write_text(json.dumps({"keys": keys, "image_paths": paths, "prompts": ["x"] * 5}))
+    with pytest.raises(
+        ValueError,
+        match=r"dup\.json: 2 sample id\(s\) name more than one image.*'a' \(.*img/s000\.png, "
+        r".*img/s002\.png\); 'b' \(.*s001\.png, .*s004\.png\); make the ids unique",
+    ):
+        build_stream(data_cfg("json", path))
+    # one image listed twice (two captions) keeps one id and one image: allowed
+    path.write_text(
+        json.dumps(
+            {
+                "keys": ["a", "a", "b"],
+                "image_paths": [paths[0], paths[0], paths[1]],
+                "prompts": ["x", "y", "z"],
+            }
+        )
+    )
+    assert sorted(build_stream(data_cfg("json", path, batch_size=3)).batch(0).prompts) == ["x", "y", "z"]
+    table = folder / "twice.csv"
+    table.write_text(f"file,caption\n{paths[0]},one\n{paths[0]},two\n")
+    assert len(build_stream(data_cfg("csv", table)).index) == 2
+
+
 def test_webdataset_reads_a_single_tar_and_a_folder_of_tars(tmp_path):
     items = samples()
     write_shard(tmp_path / "one" / "only.tar", items)
@@ -161,6 +245,51 @@ def test_hf_reads_a_bytes_column(tmp_path):
     batch = build_stream(cfg).batch(0)
     for _, prompt, image in items:
         assert torch.equal(batch.images[batch.prompts.index(prompt)], reference(image)[0])
+
+
+def test_hf_parquet_folders_read_the_train_split_only(tmp_path):
+    items = samples()
+    hub = tmp_path / "hub"
+    write_parquet(hub / "data" / "train-00000-of-00002.parquet", items[:2])
+    write_parquet(hub / "data" / "train-00001-of-00002.parquet", items[2:4])
+    write_parquet(hub / "data" / "test-00000-of-00001.parquet", items[4:6])
+    write_parquet(hub / "data" / "validation-00000-of-00001.parquet", items[6:])
+    train = sorted(p for _, p, _ in items[:4])
+    with pytest.warns(
+        DataWarning,
+        match=r"reading the train split's 2 parquet file\(s\) \(data/train-00000-of-00002\.parquet, "
+        r"data/train-00001-of-00002\.parquet\); left out: test \(1 file\(s\)\), validation \(1 file\(s\)\)",
+    ):
+        stream = build_stream(data_cfg("hf", hub, batch_size=4))
+    assert sorted(stream.batch(0).prompts) == train and len(stream.index) == 4
+    assert [p.name for p in stream.index.files] == [
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
+
+    folders = tmp_path / "folders"
+    write_parquet(folders / "train" / "0000.parquet", items[:4])
+    write_parquet(folders / "valid" / "0000.parquet", items[4:])
+    with pytest.warns(DataWarning, match=r"train/0000\.parquet\); left out: validation \(1 file"):
+        assert sorted(build_stream(data_cfg("hf", folders, batch_size=4)).batch(0).prompts) == train
+
+    # a glob pattern and a single file are taken as given
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        every = build_stream(data_cfg("hf", str(hub / "data" / "*.parquet"), batch_size=len(items)))
+        assert sorted(every.batch(0).prompts) == sorted(p for _, p, _ in items)
+        one = build_stream(data_cfg("hf", hub / "data" / "test-00000-of-00001.parquet", batch_size=2))
+        assert sorted(one.batch(0).prompts) == sorted(p for _, p, _ in items[4:6])
+        plain = tmp_path / "plain"  # no split named: every file
+        write_parquet(plain / "part-a.parquet", items[:3])
+        write_parquet(plain / "part-b.parquet", items[3:])
+        assert len(build_stream(data_cfg("hf", plain)).index) == len(items)
+    with pytest.raises(FileNotFoundError, match=r"the pattern .*\*\.nothing matches no file"):
+        build_stream(data_cfg("hf", str(hub / "*.nothing")))
+    (hub / "data" / "train-00000-of-00002.parquet").unlink()
+    (hub / "data" / "train-00001-of-00002.parquet").unlink()
+    with pytest.raises(ValueError, match=r"named for the splits test, validation; expected a 'train' split"):
+        build_stream(data_cfg("hf", hub))
 
 
 def test_a_missing_datasets_package_is_one_clear_error(tmp_path, monkeypatch):
@@ -273,13 +402,37 @@ def test_bad_images_are_skipped_counted_and_named_once(tmp_path):
 
 
 def test_a_dataset_without_one_good_image_is_an_error(tmp_path):
-    path = write_dataset("folder", tmp_path / "f", samples([(8, 8), (10, 9)]))
+    path = write_dataset("folder", tmp_path / "f", samples([(8, 8), (10, 9), (30, 12)]))
     stream = build_stream(data_cfg("folder", path))
     with (
-        pytest.warns(DataWarning),
-        pytest.raises(ValueError, match="none of the 2 samples has a usable image"),
+        pytest.warns(DataWarning) as caught,
+        pytest.raises(
+            ValueError,
+            match=r"none of the 3 samples has a usable image; 3 of them are smaller than data\.min_side=16 "
+            r"\(short sides 8 to 12 px\), the likely cause: lower data\.min_side",
+        ),
     ):
         stream.batch(0)
+    assert len(caught) == 1  # one summary, not one warning per image
+    assert "skipped all 3 samples (3 smaller than data.min_side=16): " in str(caught[0].message)
+    # unreadable and too small images are counted apart; only unreadable ones: data.min_side is not named
+    (path / "a" / "s001.png").write_bytes(b"broken")
+    stream = build_stream(data_cfg("folder", path, "data.min_side=13"))
+    with pytest.warns(DataWarning) as caught, pytest.raises(ValueError) as error:
+        stream.batch(0)
+    assert len(caught) == 1 and "(2 smaller than data.min_side=13, 1 unreadable or unusable)" in str(
+        caught[0].message
+    )
+    assert str(error.value).endswith(
+        "2 of them are smaller than data.min_side=13 (short sides 8 to 12 px), "
+        "the likely cause: lower data.min_side (smaller images are upscaled to "
+        "data.resolution) or use larger images"
+    )
+    for f in path.rglob("*.png"):
+        f.write_bytes(b"broken")
+    with pytest.warns(DataWarning, match=r"\(3 unreadable or unusable\)"), pytest.raises(ValueError) as error:
+        build_stream(data_cfg("folder", path)).batch(0)
+    assert str(error.value) == "data.path: none of the 3 samples has a usable image"
 
 
 def test_a_truncated_webdataset_member_is_a_bad_sample(tmp_path):
@@ -296,6 +449,35 @@ def test_a_truncated_webdataset_member_is_a_bad_sample(tmp_path):
     assert isinstance(stream.index.read(0), bytes)
     with pytest.raises(BadImage):
         load_image(stream.index.read(0), 1)
+
+
+def test_tar_keys_without_an_image_are_counted_and_named_once_per_shard(tmp_path):
+    items = samples()[:2]
+    members = [(f"{k}.png", png_bytes(im)) for k, _, im in items] + [
+        (f"{k}.txt", p.encode()) for k, p, _ in items
+    ]
+    members += [
+        ("photo.v2.png", png_bytes(picture(20, 20, 9))),  # key 'photo', member 'v2.png'
+        ("photo.v2.txt", b"dotted"),
+        ("crop.final.jpg", png_bytes(picture(20, 20, 8))),
+        ("lonely.txt", b"a caption without its image"),
+    ]
+    shard = write_members(tmp_path / "w" / "0.tar", members)
+    with pytest.warns(DataWarning) as caught:
+        stream = build_stream(data_cfg("webdataset", shard, batch_size=2))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "0.tar: 3 sample key(s) have no image member (jpg, jpeg, png, webp) and are left out" in message
+    assert "2 with a dot in the key, e.g. photo.v2.png" in message
+    assert "key 'photo', member 'v2.png'; rename such files, e.g. photo_v2.png" in message
+    assert "1 other(s), e.g. key 'lonely' (members: lonely.txt)" in message
+    assert sorted(stream.batch(0).prompts) == sorted(p for _, p, _ in items)
+    # a shard of dotted keys only: the error says why it holds no sample
+    only = write_members(tmp_path / "w" / "1.tar", members[4:6])
+    with pytest.raises(
+        ValueError, match=r"1\.tar holds no sample .*with a dot in the key, e\.g\. photo\.v2\.png"
+    ):
+        build_stream(data_cfg("webdataset", only))
 
 
 # ------------------------------------------------------------------------------------------ start-up errors
@@ -483,3 +665,22 @@ def test_fields_a_kind_does_not_read_are_refused(tmp_path):
         data_cfg("folder", tmp_path, "data.prompt_column=text")
     with pytest.raises(ConfigError, match=r"data\.crop: data kind 'prompts' does not read it"):
         _prompt_cfg(tmp_path / "p.txt", "data.crop=random")
+
+
+# ------------------------------------------------------------------------------------------ toy kind
+
+
+def test_the_toy_stream_lists_the_prompt_pool_it_draws_from(tmp_path):
+    from tests.trainer_helpers import RECIPE as TOY_RECIPE
+
+    stream = ShapesStream("train", 8, seed=0)
+    pool = stream.prompts()
+    assert len(pool) == len(set(pool)) == 2697  # 28 one-object and 2,669 two-object scenes
+    assert {p for i in range(20) for p in stream.batch(i).prompts} <= set(pool)
+    assert set(ScenePool("train", 0.0).prompts()) == {s.prompt for s in ScenePool("train").pairs}
+    assert set(ScenePool("train", 1.0).prompts()) == {s.prompt for s in ScenePool("train").singles}
+    # cache-text reads the pool instead of rendering the run's batches
+    from senseflow.config import load_config
+
+    cfg = load_config(TOY_RECIPE, ["schedule.iterations=100000"])
+    assert dataset_prompts(cfg, progress=False) == pool

@@ -16,8 +16,18 @@ import senseflow.config.registry as registry
 from senseflow.cli import main
 from senseflow.data import DataWarning, verify_latent_cache
 from senseflow.data.latents import MANIFEST
+from senseflow.models.text_cache import TextCache, write_tensor_group
 from senseflow.train.data import build_stream, stream_identity
-from tests.data_helpers import RECIPE, data_cfg, data_overrides, picture, samples, write_dataset
+from tests.data_helpers import (
+    RECIPE,
+    data_cfg,
+    data_overrides,
+    picture,
+    samples,
+    write_dataset,
+    write_images,
+    write_shard,
+)
 from tests.trainer_helpers import RECIPE as TOY_RECIPE
 
 
@@ -56,8 +66,8 @@ def dataset(tmp_path):
     return path
 
 
-def cache_latents(path, out, *extra: str, capsys=None) -> int:
-    args = ["cache-latents", str(RECIPE), *data_overrides("json", path, *extra), "--out", str(out)]
+def cache_latents(path, out, *extra: str, kind: str = "json") -> int:
+    args = ["cache-latents", str(RECIPE), *data_overrides(kind, path, *extra), "--out", str(out)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         return main([*args, "--shard-size", "3", "--batch-size", "2"])
@@ -161,3 +171,73 @@ def test_the_recipe_folder_is_the_default_destination(conv_family, dataset, tmp_
         warnings.simplefilter("ignore", DataWarning)
         assert main(args) == 0
     assert (cache / MANIFEST).is_file()
+
+
+def test_same_named_shards_in_two_folders_keep_their_own_latents(conv_family, tmp_path):
+    laion = [(f"{n:06d}", f"laion {n}", picture(20, 20, n)) for n in range(3)]
+    coyo = [(f"{n:06d}", f"coyo {n}", picture(20, 20, 10 + n)) for n in range(3)]
+    write_shard(tmp_path / "d" / "laion" / "00000.tar", laion)
+    write_shard(tmp_path / "d" / "coyo" / "00000.tar", coyo)
+    path = str(tmp_path / "d" / "{laion,coyo}" / "00000.tar")
+    cache = tmp_path / "cache"
+    assert cache_latents(path, cache, kind="webdataset") == 0
+    assert json.loads((cache / MANIFEST).read_text())["samples"] == 6
+    _, (images,) = quiet_batches(data_cfg("webdataset", path, batch_size=6), [0])
+    _, (cached,) = quiet_batches(
+        data_cfg("webdataset", path, f"data.latent_cache={cache}", batch_size=6), [0]
+    )
+    assert cached.prompts == images.prompts and len(set(cached.keys)) == 6
+    torch.testing.assert_close(cached.latents, ConvAdapter().encode_pixels(images.images), rtol=0, atol=1e-5)
+
+
+def test_an_image_listed_twice_is_encoded_once(conv_family, tmp_path):
+    items = samples()[:2]
+    paths = write_images(tmp_path / "data", items)
+    path = tmp_path / "data" / "twice.json"
+    path.write_text(
+        json.dumps({"keys": ["a", "a", "b"], "image_paths": [paths[0], *paths], "prompts": ["x", "y", "z"]})
+    )
+    cache = tmp_path / "cache"
+    assert cache_latents(path, cache) == 0
+    assert sorted(json.loads((cache / MANIFEST).read_text())["entries"]) == ["a", "b"]
+    _, (batch,) = quiet_batches(data_cfg("json", path, f"data.latent_cache={cache}", batch_size=3), [0])
+    assert sorted(batch.prompts) == ["x", "y", "z"]
+    x, y = batch.prompts.index("x"), batch.prompts.index("y")
+    assert torch.equal(batch.latents[x], batch.latents[y])
+
+
+def test_the_command_never_writes_over_another_kind_of_cache(conv_family, dataset, tmp_path, capsys):
+    text = tmp_path / "text_cache"
+    write_tensor_group(
+        text, "text", {"encoder": "e"}, lambda ps: {"t": torch.ones(len(ps), 2)}, ["", "a"], progress=False
+    )
+    before = {p.name: p.read_bytes() for p in text.iterdir()}
+    assert cache_latents(dataset, text) == 2
+    err = capsys.readouterr().err
+    assert f"cache-latents: {text} holds a text cache (written by `senseflow cache-text`)" in err
+    assert "choose another folder (--out DIR or data.latent_cache=DIR)" in err
+    assert {p.name: p.read_bytes() for p in text.iterdir()} == before
+    assert len(TextCache.open(text)) == 2
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / MANIFEST).write_text(json.dumps({"format": "something/3"}))
+    assert cache_latents(dataset, other) == 2
+    assert "holds a manifest.json of something else (format 'something/3'" in capsys.readouterr().err
+    (other / MANIFEST).write_text("{not json")
+    assert cache_latents(dataset, other) == 2
+    assert "not readable JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == [MANIFEST]
+
+
+def test_caching_images_all_below_min_side_is_one_clear_error(conv_family, tmp_path, capsys):
+    path = write_dataset("json", tmp_path / "data", samples([(8, 8), (12, 10), (9, 30)]))
+    args = ["cache-latents", str(RECIPE), *data_overrides("json", path), "--out", str(tmp_path / "c")]
+    with pytest.warns(DataWarning) as caught:
+        assert main(args) == 2
+    assert len(caught) == 1 and "skipped all 3 samples (3 smaller than data.min_side=16)" in str(
+        caught[0].message
+    )
+    assert (
+        "none of the 3 samples has a usable image; 3 of them are smaller than data.min_side=16 (short sides "
+        "8 to 10 px), the likely cause: lower data.min_side" in capsys.readouterr().err
+    )

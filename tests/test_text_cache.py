@@ -194,3 +194,35 @@ def test_cli_cache_then_cached_run_matches_live_without_text_encoder(tiny_teache
     assert adapter.text_cache is not None and adapter._encoder is None
     teacher_sample(adapter, cached.teacher, ["a small red circle"], [0], steps=2, guidance=3.0, resolution=32)
     assert adapter._encoder is None
+
+
+def test_rebuilding_a_group_with_no_prompt_commits_it_empty(tmp_path):
+    folder = tmp_path / "cache"
+
+    def fake(prompts):
+        return {"t": torch.stack([torch.full((2,), float(len(p))) for p in prompts])}
+
+    write_tensor_group(folder, "text", {"encoder": "e"}, fake, ["", *PROMPTS[:2]], progress=False)
+    write_tensor_group(folder, "disc", {"backbone": "a"}, fake, PROMPTS, shard_size=2, progress=False)
+    assert len(list(folder.glob("disc-shard-*.safetensors"))) == 3
+
+    report = write_tensor_group(folder, "disc", {"backbone": "b"}, fake, [], progress=False)
+    assert report.rebuilt and (report.added, report.count, report.shards_written) == (0, 0, 0)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    disc = manifest["groups"]["disc"]
+    assert disc["identity"] == {"backbone": "b"} and disc["shards"] == [] and disc["count"] == 0
+    named = [s["file"] for s in manifest["shards"]] + [
+        s["file"] for g in manifest["groups"].values() for s in g["shards"]
+    ]
+    assert all((folder / f).is_file() for f in named)  # the manifest names no removed shard
+    assert not list(folder.glob("disc-shard-*.safetensors"))
+    cache = TextCache.open(folder, identity={"encoder": "e"})
+    cache.check_identity("disc", {"backbone": "b"})
+    assert cache.prompts("disc") == [] and torch.equal(
+        cache.lookup([PROMPTS[1]]).tensors["t"], fake([PROMPTS[1]])["t"]
+    )
+    with pytest.raises(PromptNotCachedError, match="group 'disc'"):
+        cache.lookup_group("disc", [PROMPTS[0]])
+    # the emptied group fills again
+    write_tensor_group(folder, "disc", {"backbone": "b"}, fake, PROMPTS[:1], progress=False)
+    assert TextCache.open(folder).lookup_group("disc", PROMPTS[:1]).tensors["disc.t"].shape == (1, 2)

@@ -181,10 +181,22 @@ class GANConfig(_Section):
         description="Encoder of D's reference image: dinov2 (code, paper v2) or clip (paper v1) (§8.1).",
     )
     backbone: str = Field(
-        default="vit_large_patch14_dinov2.lvd142m",
+        default="facebook/dinov2-large",
         description=(
-            "timm name of the frozen VFM backbone; ViT-L/14 DINOv2 in the code, ViT-B best FID-T (§8.1)."
+            "The frozen VFM backbone: a DINOv2 folder (transformers Dinov2Model) or a hub id in the local "
+            "hub cache. ViT-L/14 in the code; ViT-B best FID-T in the paper's ablation (§8.1)."
         ),
+    )
+    input_size: PositiveInt | None = Field(
+        default=None,
+        description=(
+            "Side the VFM backbone sees: None = the image as it is (the code: 1024 px gives a 73x73 grid "
+            "for patch 14), or a fixed side the image is area-resized to (less memory; docs/design.md)."
+        ),
+    )
+    backbone_checkpointing: bool = Field(
+        default=True,
+        description="Recompute the VFM backbone's blocks in the backward pass (the code does; saves memory).",
     )
     feature_blocks: list[NonNegativeInt] = Field(
         default_factory=lambda: [2, 5, 8, 10, 14, 19, 23],
@@ -195,7 +207,15 @@ class GANConfig(_Section):
     text_encoder: str = Field(
         default="openai/clip-vit-large-patch14",
         description=(
-            "CLIP text model for D's 768-d text embedding; the code's model is unknown (§8.1, §12.9)."
+            "CLIP model (folder or cached hub id) for D's text embedding: projected text features, "
+            "L2-normalised; the code's open_clip ViT-L-14 'openai' has these weights (§13)."
+        ),
+    )
+    official_grad_leak: bool = Field(
+        default=False,
+        description=(
+            "Reproduce the official code's quirk: the generator's adversarial gradients are left in D's "
+            "heads' .grad and added to D's next update (§13). False: D's update sees only D's loss."
         ),
     )
     diffaug: list[Literal["color", "translation", "cutout"]] = Field(
@@ -256,7 +276,15 @@ class GANConfig(_Section):
 
 # Fields that only some discriminators read (each declares which in its registry entry).
 _DISCRIMINATOR_FIELDS = frozenset(
-    {"backbone", "feature_blocks", "text_encoder", "reference_encoder", "head_trains_fake"}
+    {
+        "backbone",
+        "feature_blocks",
+        "text_encoder",
+        "reference_encoder",
+        "head_trains_fake",
+        "input_size",
+        "backbone_checkpointing",
+    }
 )
 
 

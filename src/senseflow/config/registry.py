@@ -77,6 +77,9 @@ class DiscriminatorSpec:
     name: str
     builder: Builder  # (GANConfig, adapter, fake_score) -> Discriminator
     reads: frozenset[str] = field(default_factory=frozenset)
+    # (GANConfig) -> an encoder of prompts whose tensors `senseflow cache-text` adds to the text cache
+    # as its own group (``group``, ``identity()``, ``encode(prompts)``); None: D needs no text of its own
+    text_encoder: Builder = None
     description: str = ""
 
 
@@ -143,9 +146,12 @@ def available(kind: str) -> tuple[str, ...]:
     return tuple(name for name, spec in table.items() if spec.builder is not None)
 
 
-def resolve_builder(spec: FamilySpec | DataKindSpec | DiscriminatorSpec, field_name: str) -> Callable:
-    """The spec's builder as a callable; a planned entry gives one clear error naming the field."""
-    builder = spec.builder
+def resolve_builder(
+    spec: FamilySpec | DataKindSpec | DiscriminatorSpec, field_name: str, attribute: str = "builder"
+) -> Callable:
+    """The spec's builder (or another builder ``attribute``) as a callable; a planned entry gives one
+    clear error naming the field."""
+    builder = getattr(spec, attribute)
     if builder is None:
         ready = ", ".join(available(spec.kind)) or "none"
         raise ValueError(
@@ -234,7 +240,7 @@ for _name, _reads, _description in (
     ("tsv", _COLUMN_READS, "TSV with a header: a prompt and an image path column"),
     ("folder", _IMAGE_READS, "images under a folder, each with a same-stem .txt caption"),
     ("webdataset", _IMAGE_READS, "img2dataset tar shards: a tar, a folder or a {a..b} pattern"),
-    ("hf", _COLUMN_READS, "a datasets save_to_disk folder or parquet files"),
+    ("hf", _COLUMN_READS, "save_to_disk folder, parquet file or glob, parquet folder (train split if named)"),
 ):
     register_data_kind(
         DataKindSpec(
@@ -273,8 +279,18 @@ register_discriminator(
 register_discriminator(
     DiscriminatorSpec(
         "vfm",
-        builder=None,
-        reads=frozenset({"backbone", "feature_blocks", "text_encoder", "reference_encoder"}),
-        description="frozen DINOv2 with trained heads (SenseFlow)",
+        builder="senseflow.models.vfm:build_vfm",
+        reads=frozenset(
+            {
+                "backbone",
+                "feature_blocks",
+                "text_encoder",
+                "reference_encoder",
+                "input_size",
+                "backbone_checkpointing",
+            }
+        ),
+        text_encoder="senseflow.models.vfm:build_vfm_text_encoder",
+        description="frozen DINOv2, trained heads conditioned on CLIP text and a reference image (SenseFlow)",
     )
 )

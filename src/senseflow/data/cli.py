@@ -9,10 +9,11 @@ and writes them where ``data.latent_cache`` (or ``--out``) says. A run whose rec
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from senseflow.config import load_config
 from senseflow.config.registry import data_kind_spec, resolve_builder
-from senseflow.data.latents import vae_identity, write_latent_cache
+from senseflow.data.latents import check_replaceable, vae_identity, write_latent_cache
 from senseflow.data.streams import ImageStream
 from senseflow.devices import resolve_device
 
@@ -22,6 +23,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
     out = args.out or cfg.data.latent_cache
     if not out:
         raise ValueError("cache-latents: say where to write the cache: --out DIR or data.latent_cache=DIR")
+    check_replaceable(Path(out).expanduser())  # before the slow part: never over another kind of cache
     if cfg.data.crop != "center":
         raise ValueError(
             "data.crop: cache-latents stores each sample's center crop (a random crop differs at every "

@@ -5,6 +5,10 @@ its prompt and where its image bytes are. It is built once, checked once (every 
 lists agree in length, columns are present) and then only read, so worker processes share it. Each
 index has a fingerprint of its content (identities, image locations as written, prompts) that
 names the data in the stream's identity; moving the dataset folder keeps it.
+
+Sample ids key the latent cache, so an id that names two different images is refused at start-up
+(:meth:`SampleIndex.check_unique_ids`); an id listed twice for the same image (one image with two
+captions, as in COCO-style tables) is allowed, since its latent is the same.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ from pathlib import Path
 from senseflow.data.images import IMAGE_EXTENSIONS
 
 SHOW = 5  # how many offending names an error message lists
+
+
+class DataWarning(UserWarning):
+    """A training sample was skipped (or left out of the index)."""
 
 
 def require_path(path: str | None, kind: str) -> Path:
@@ -69,6 +77,31 @@ class SampleIndex:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def image_of(self, i: int) -> str:
+        """Where sample ``i``'s image is, as a comparable name (two samples with the same one share
+        their image)."""
+        return self.where(i)
+
+    def check_unique_ids(self, source: Path | str) -> None:
+        """Refuse ids that name more than one image: the latent cache would give one sample the
+        latent of another."""
+        first: dict[str, int] = {}
+        clashes: dict[str, list[str]] = {}
+        for i, sample_id in enumerate(self.ids):
+            j = first.setdefault(sample_id, i)
+            if j != i and self.image_of(j) != self.image_of(i):
+                images = clashes.setdefault(sample_id, [self.where(j)])
+                if self.where(i) not in images:
+                    images.append(self.where(i))
+        if clashes:
+            shown = [f"{k!r} ({', '.join(v)})" for k, v in list(clashes.items())[:SHOW]]
+            more = f" and {len(clashes) - SHOW} more" if len(clashes) > SHOW else ""
+            raise ValueError(
+                f"data.path: {source}: {len(clashes)} sample id(s) name more than one image, so a latent "
+                f"cache could not tell them apart: {'; '.join(shown)}{more}; make the ids unique "
+                f"(data kind '{self.kind}')"
+            )
+
     def check_not_empty(self, source: Path | str) -> None:
         if len(self) == 0:
             raise ValueError(f"data.path: {source} holds no sample (data kind '{self.kind}')")
@@ -84,6 +117,7 @@ class FileIndex(SampleIndex):
         self.ids, self.paths, self.prompts = ids, paths, prompts
         self.check_not_empty(source)
         self.files = [str(root / p) for p in paths]  # an absolute path stays as it is
+        self.check_unique_ids(source)
         missing = [f for f in self.files if not os.path.isfile(f)]
         if missing:
             raise FileNotFoundError(
@@ -99,6 +133,9 @@ class FileIndex(SampleIndex):
 
     def where(self, i: int) -> str:
         return self.files[i]
+
+    def image_of(self, i: int) -> str:
+        return os.path.normpath(self.files[i])
 
     def fingerprint(self) -> str:
         parts = zip(self.ids, self.paths, self.prompts, strict=True)

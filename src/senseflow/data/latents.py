@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from senseflow.data.images import BadImage
 from senseflow.data.index import listing
 from senseflow.jsonfile import write_json
+from senseflow.models.text_cache import KIND as TEXT_CACHE
 
 FORMAT = "senseflow-latents/1"
 MANIFEST = "manifest.json"
@@ -110,6 +111,33 @@ def _save_shard(folder: Path, number: int, tensors: dict[str, torch.Tensor]) -> 
     return name
 
 
+def check_replaceable(folder: Path) -> None:
+    """Refuse to write a latent cache into ``folder`` when its ``manifest.json`` is not a latent
+    cache's (a text cache, say): writing would delete it."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        held = f"a {MANIFEST} that is not readable JSON ({exc})"
+    else:
+        if isinstance(m, dict) and m.get("format") == FORMAT:
+            return
+        fields = m if isinstance(m, dict) else {}
+        if fields.get("kind") == TEXT_CACHE:
+            held = "a text cache (written by `senseflow cache-text`)"
+        else:
+            held = (
+                f"a {MANIFEST} of something else (format {fields.get('format')!r}, kind "
+                f"{fields.get('kind')!r}; a latent cache's format is {FORMAT!r})"
+            )
+    raise ValueError(
+        f"cache-latents: {folder} holds {held}, which writing a latent cache there would destroy; "
+        "choose another folder (--out DIR or data.latent_cache=DIR)"
+    )
+
+
 def write_latent_cache(
     stream: Any,
     encode: Callable[[torch.Tensor], torch.Tensor],
@@ -123,9 +151,12 @@ def write_latent_cache(
     (pixels in [-1, 1], NCHW -> raw latents) into ``out``; returns the manifest's path.
 
     The old manifest is removed first and the new one written last, each shard under a temporary
-    name then renamed, so an interrupted run leaves no cache that a training run would accept.
+    name then renamed, so an interrupted run leaves no cache that a training run would accept. A
+    folder whose manifest is not a latent cache's (a text cache) is refused before anything is
+    touched. A sample id met again (the same image with another caption) is encoded once.
     """
     folder = Path(out).expanduser()
+    check_replaceable(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     index = stream.index
@@ -158,20 +189,32 @@ def write_latent_cache(
             tensors.clear()
             log(f"{len(entries)}/{len(index)} samples cached ({time.monotonic() - started:.0f} s)")
 
+    held: list[tuple[int, BadImage]] = []  # bad samples met before the first good one: warned later
+    seen: set[str] = set()
     for i in range(len(index)):
+        sample_id = index.ids[i]
+        if sample_id in seen:  # the same image listed again (another caption): its latent is cached
+            continue
+        seen.add(sample_id)
         try:
             image, crop = stream.load(i)
         except BadImage as exc:
-            stream.mark_bad(i, str(exc))
-            skipped.append(index.ids[i])
+            if pending or entries:
+                stream.mark_bad(i, exc)
+            elif stream.mark_bad(i, exc, warn=False):
+                held.append((i, exc))
+            skipped.append(sample_id)
             continue
-        pending.append((index.ids[i], stream.key(i, crop), image, crop))
+        for j, exc in held:
+            stream.warn_bad(j, exc, stacklevel=3)
+        held.clear()
+        pending.append((sample_id, stream.key(i, crop), image, crop))
         if len(pending) == batch_size:
             encode_pending()
     encode_pending()
     save_shard()
     if not entries:
-        raise ValueError(f"data.path: no usable image among the {len(index)} samples; nothing was cached")
+        raise stream.none_usable(held, "; nothing was cached")
     for stale in folder.glob(SHARD.replace("{:05d}", "*")):
         if stale.name not in shards:
             stale.unlink()

@@ -11,7 +11,8 @@ iteration is the same for any world size with the same global batch size ``B * W
 same permutation whose image is good (wrapping around). Whether an image is good depends only on
 its file, so the replacement never depends on prefetching or on which process read it first.
 Each process warns once per bad file (:class:`DataWarning`, naming it) and counts them in
-``skipped``.
+``skipped``. When no sample is usable at all, one summary warning and one error say so instead, the
+error naming ``data.min_side`` (and the short sides seen) when images were refused as too small.
 
 **Identity.** ``kind/<fingerprint>/n<N>/<R>px/<crop>/min<M>/order1``: the index's content hash,
 its size, resolution, crop and minimum side; the trailing tag changes if the order ever does.
@@ -27,17 +28,13 @@ import numpy as np
 import torch
 
 from senseflow.data.images import BadImage, Crop, load_image, resize_and_crop
-from senseflow.data.index import SampleIndex, digest
+from senseflow.data.index import DataWarning, SampleIndex, digest, listing
 from senseflow.data.latents import LatentCache, vae_identity
 from senseflow.models.batch import Batch
 
 ORDER = "order1"
 _ORDER_SALT = 0x5EF1  # keeps the data order's generator apart from other (seed, n) generators
 _CROP_SALT = 0xC409
-
-
-class DataWarning(UserWarning):
-    """A training sample was skipped."""
 
 
 class EpochOrder:
@@ -98,6 +95,7 @@ class ImageStream:
         self.identity = f"{index.kind}/{index.fingerprint()}/{size}/{crop}/min{self.min_side}/{ORDER}"
         self.cache: LatentCache | None = None
         self._bad: set[int] = set()
+        self._small: dict[int, int] = {}  # short side of the bad samples refused as too small
 
     def prompts(self) -> list[str]:
         """Every prompt of the dataset (what ``senseflow cache-text`` encodes)."""
@@ -122,15 +120,41 @@ class ImageStream:
         if self.cache is not None:
             self.cache.check_vae(vae_identity(adapter))
 
-    def mark_bad(self, i: int, reason: str) -> None:
-        if i not in self._bad:
-            self._bad.add(i)
+    def mark_bad(self, i: int, reason: str | BadImage, warn: bool = True) -> bool:
+        """Count sample ``i`` as bad (once) and warn about it unless ``warn`` is false; True when it
+        was not bad before."""
+        if i in self._bad:
+            return False
+        self._bad.add(i)
+        if isinstance(reason, BadImage) and reason.short_side is not None:
+            self._small[i] = reason.short_side
+        if warn:
+            self.warn_bad(i, reason, stacklevel=4)
+        return True
+
+    def none_usable(self, held: list[tuple[int, str | BadImage]], what: str = "") -> ValueError:
+        """The error for a dataset without one usable sample, after one summary warning for ``held``
+        (the bad samples met, not yet warned about one by one). ``what``: appended to the error."""
+        n = len(self.index)
+        small = sorted(self._small.values())
+        if held:
+            examples = [f"{self.index.where(i)}: {reason}" for i, reason in held]
+            counts = [f"{len(small)} smaller than data.min_side={self.min_side}"] if small else []
+            if len(small) < n:
+                counts.append(f"{n - len(small)} unreadable or unusable")
             warnings.warn(
-                f"data: skipped {self.index.where(i)}: {reason}; the next sample of the epoch's order "
-                "takes its place",
+                f"data: skipped all {n} samples ({', '.join(counts)}): {listing(examples, 3)}",
                 DataWarning,
                 stacklevel=3,
             )
+        message = f"data.path: none of the {n} samples has a usable image"
+        if small:
+            message += (
+                f"; {len(small)} of them are smaller than data.min_side={self.min_side} (short sides "
+                f"{small[0]} to {small[-1]} px), the likely cause: lower data.min_side (smaller images are "
+                "upscaled to data.resolution) or use larger images"
+            )
+        return ValueError(message + what)
 
     def key(self, i: int, crop: Crop) -> str:
         return sample_key(self.index.ids[i], self.resolution, crop.top_left)
@@ -145,20 +169,39 @@ class ImageStream:
         return resize_and_crop(load_image(source, self.min_side), self.resolution, random)
 
     def _pick(self, position: int):
-        for epoch, i in self.order.candidates(position):
-            if i in self._bad:
-                continue
-            if self.cache is not None:
-                entry = self.cache.entry(self.index.ids[i])
-                if entry is None:
-                    self.mark_bad(i, "unusable when the latent cache was written")
+        # Bad samples met here are warned about once a good one is found; if none is, the dataset
+        # has no usable sample and one summary stands for them all.
+        held: list[tuple[int, str | BadImage]] = []
+        try:
+            for epoch, i in self.order.candidates(position):
+                if i in self._bad:
                     continue
-                return i, entry
-            try:
-                return i, self.load(i, epoch)
-            except BadImage as exc:
-                self.mark_bad(i, str(exc))
-        raise ValueError(f"data.path: none of the {len(self.index)} samples has a usable image")
+                if self.cache is not None:
+                    entry = self.cache.entry(self.index.ids[i])
+                    if entry is None:
+                        reason = "unusable when the latent cache was written"
+                        if self.mark_bad(i, reason, warn=False):
+                            held.append((i, reason))
+                        continue
+                    return i, entry
+                try:
+                    return i, self.load(i, epoch)
+                except BadImage as exc:
+                    if self.mark_bad(i, exc, warn=False):
+                        held.append((i, exc))
+        finally:
+            if len(self._bad) < len(self.index):
+                for i, reason in held:
+                    self.warn_bad(i, reason, stacklevel=5)
+        raise self.none_usable(held)
+
+    def warn_bad(self, i: int, reason: str | BadImage, stacklevel: int) -> None:
+        warnings.warn(
+            f"data: skipped {self.index.where(i)}: {reason}; the next sample of the epoch's order "
+            "takes its place",
+            DataWarning,
+            stacklevel=stacklevel,
+        )
 
     def batch(self, index: int) -> Batch:
         picks = [self._pick(g) for g in rank_positions(index, self.batch_size, self.rank, self.world)]

@@ -3,20 +3,26 @@
 At start-up every shard's tar headers are read once (stdlib ``tarfile``; nothing is extracted) and
 each sample's image and caption are recorded as (shard, byte offset, size); a sample is then two
 seeks and reads. Members that are neither image nor caption (img2dataset's ``.json``) are ignored.
+A sample's id is its shard's path relative to the shards' common folder, then its key
+(``laion/00000.tar/000001``). Keys that have no image member are left out with one warning per
+shard: among them, files with a dot in their key (``x.y.png`` is key ``x``, member ``y.png``, as
+webdataset's convention takes the key up to the first dot of the file name).
 ``data.path`` is a tar file, a folder of tar files, or a brace pattern such as
 ``shards/{00000..00009}.tar`` (ranges keep their zero padding; ``{a,b}`` lists work too).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from senseflow.data.images import IMAGE_EXTENSIONS
-from senseflow.data.index import SampleIndex, digest, listing
+from senseflow.data.index import DataWarning, SampleIndex, digest, listing
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -74,11 +80,50 @@ def _split(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def shard_names(shards: list[Path]) -> list[str]:
+    """Each shard's path relative to the shards' common folder (``laion/00000.tar``,
+    ``coyo/00000.tar``): the first part of its samples' ids, so two shards of the same file name in
+    different folders give different ids, and moving the dataset keeps them."""
+    absolute = [Path(os.path.abspath(s)) for s in shards]
+    root = Path(os.path.commonpath([str(s.parent) for s in absolute]))
+    return [s.relative_to(root).as_posix() for s in absolute]
+
+
+def _unpaired(keys: dict[str, dict[str, tarfile.TarInfo]]) -> str:
+    """What a shard's keys without an image member are, with an example of each kind."""
+    dotted = {k: None for k, parts in keys.items() if any(_dotted_image(e) for e in parts)}
+    others = [k for k in keys if k not in dotted]
+    lines = []
+    if dotted:
+        key = next(iter(dotted))
+        member = next(keys[key][e].name for e in keys[key] if _dotted_image(e))
+        ext = next(e for e in keys[key] if _dotted_image(e))
+        folder, slash, base = member.rpartition("/")
+        renamed = folder + slash + base.replace(".", "_", base.count(".") - 1)
+        lines.append(
+            f"{len(dotted)} with a dot in the key, e.g. {member} (webdataset's convention makes the key "
+            f"the name up to its first dot: key '{key}', member '{ext}'; rename such files, e.g. {renamed})"
+        )
+    if others:
+        key = others[0]
+        members = ", ".join(info.name for info in keys[key].values())
+        lines.append(f"{len(others)} other(s), e.g. key '{key}' (members: {members})")
+    return (
+        f"{len(keys)} sample key(s) have no image member ({', '.join(IMAGE_EXTENSIONS)}) and are left "
+        f"out: {'; '.join(lines)}"
+    )
+
+
+def _dotted_image(ext: str) -> bool:
+    return "." in ext and ext.rpartition(".")[2] in IMAGE_EXTENSIONS
+
+
 class TarIndex(SampleIndex):
     kind = "webdataset"
 
     def __init__(self, path: str | None):
         self.shards = shard_paths(path)
+        prefixes = shard_names(self.shards)
         names, ids, rows, uncaptioned = [], [], [], []
         for number, shard in enumerate(self.shards):
             members: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -91,23 +136,28 @@ class TarIndex(SampleIndex):
             except (tarfile.TarError, OSError) as exc:
                 raise ValueError(f"data.path: {shard} is not a readable tar shard ({exc})") from None
             samples = 0
+            imageless: dict[str, dict[str, tarfile.TarInfo]] = {}
             for key, parts in members.items():
                 image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
                 if image is None:
+                    imageless[key] = parts
                     continue
                 caption = parts.get("txt")
                 if caption is None:
                     uncaptioned.append(f"{shard.name}:{image.name}")
                     continue
-                ids.append(f"{shard.name}/{key}")
+                ids.append(f"{prefixes[number]}/{key}")
                 names.append(image.name)
                 rows.append((number, image.offset_data, image.size, caption.offset_data, caption.size))
                 samples += 1
             if samples == 0 and not uncaptioned:
+                found = f"; {_unpaired(imageless)}" if imageless else ""
                 raise ValueError(
                     f"data.path: the shard {shard} holds no sample (expected members <key>.jpg|png|webp "
-                    "with <key>.txt)"
+                    f"with <key>.txt){found}"
                 )
+            if imageless:
+                warnings.warn(f"data: {shard}: {_unpaired(imageless)}", DataWarning, stacklevel=2)
         if uncaptioned:
             raise ValueError(
                 f"data.path: {len(uncaptioned)} image member(s) have no <key>.txt caption: "
@@ -116,6 +166,7 @@ class TarIndex(SampleIndex):
         self.ids, self.members = ids, names
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
         self.check_not_empty(path or "")
+        self.check_unique_ids(path or "")
 
     def _bytes(self, shard: int, offset: int, size: int) -> bytes:
         with open(self.shards[shard], "rb") as f:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from senseflow.config.common import looks_like_local_path
 from senseflow.models.adapter import FamilyAdapter, Role
 from senseflow.models.build import safetensors_files
+from senseflow.models.hub import resolve_pretrained
 
 MODEL_INDEX = "model_index.json"
 # Files a diffusers pipeline needs from the hub: the index, every component's configs, tokenizer
@@ -46,33 +46,10 @@ def resolve_teacher(
     teacher: str, revision: str | None = None, allow_download: bool = False, variant: str | None = None
 ) -> Path:
     """A local folder as given, or a hub id from the hub cache (downloaded only with ``allow_download``)."""
-    path = Path(teacher).expanduser()
-    if path.is_dir():
-        return path
-    if looks_like_local_path(teacher) or path.exists():
-        raise FileNotFoundError(f"model.teacher: {teacher!r} is not a folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(
-                teacher,
-                revision=revision,
-                local_files_only=not allow_download,
-                allow_patterns=hub_patterns(variant),
-            )
-        )
-    except HFValidationError:
-        raise FileNotFoundError(
-            f"model.teacher: {teacher!r} is not an existing folder (resolved to {path.resolve()}) nor a hub "
-            "id of the form org/name"
-        ) from None
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"model.teacher: {teacher!r} is neither a local folder nor in the hub cache; download it first "
-            f"(huggingface-cli download {teacher}) or set model.allow_download: true"
-        ) from None
+    patterns = hub_patterns(variant)
+    return resolve_pretrained(
+        teacher, "model.teacher", revision=revision, allow_download=allow_download, patterns=patterns
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -312,9 +312,11 @@ def write_tensor_group(
     ``group`` is ``"text"`` for the adapter's encodings (:func:`write_text_cache`) or another
     producer's name; that producer's tensors are stored as ``<group>.<name>``. A group written
     with another identity is replaced (its old shards are removed once the new manifest is in
-    place); the other groups are kept. ``shard_size``: prompts per shard (default: at most 4096 and
-    about 1 GiB). The manifest is written after the last shard and every ``commit_every_s`` seconds
-    on the way, so an interrupted run keeps what it committed.
+    place); the other groups are kept. A group rebuilt with no prompt to write is committed empty
+    (the new identity, no tensor, no shard), so the manifest never names a removed shard.
+    ``shard_size``: prompts per shard (default: at most 4096 and about 1 GiB). The manifest is
+    written after the last shard and every ``commit_every_s`` seconds on the way, so an interrupted
+    run keeps what it committed.
     """
     if group != BASE and not _GROUP_NAME.match(group):
         raise ValueError(f"text cache group {group!r}: use lowercase letters, digits and '_'")
@@ -412,7 +414,7 @@ def write_tensor_group(
         flush()
     finally:
         bar.close()
-    if written:
+    if written or rebuilt:  # a rebuilt group is committed even empty: its old shards go next
         commit()
     for name in replaced:
         (folder / name).unlink(missing_ok=True)

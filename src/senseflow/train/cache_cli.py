@@ -101,6 +101,30 @@ def cmd_cache_text(args: argparse.Namespace) -> None:
         f"{report.shards_written} new shards), id {report.identity_hash}; train with "
         f"model.text_cache={out}"
     )
+    write_discriminator_text(cfg, prompts, out, device, args)
+
+
+def write_discriminator_text(cfg: DistillConfig, prompts: list[str], out: Path, device, args) -> None:
+    """The discriminator's own text embeddings (the VFM's CLIP features), as a group of the same cache,
+    when the recipe's discriminator has a text encoder: training then holds no text tower at all."""
+    from senseflow.config.registry import discriminator_spec, resolve_builder
+    from senseflow.models.text_cache import write_tensor_group
+
+    spec = discriminator_spec(cfg.method.gan.type)
+    if spec is None or spec.text_encoder is None:
+        return
+    encoder = resolve_builder(spec, "method.gan.type", attribute="text_encoder")(cfg.method.gan).to(device)
+    report = write_tensor_group(
+        out,
+        encoder.group,
+        encoder.identity(),
+        encoder.encode,
+        prompts,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        progress=not args.quiet,
+    )
+    print(f"  + discriminator text ({encoder.group}): {report.count} prompts ({report.added} added)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -115,20 +115,32 @@ class SenseFlowStep:
     def gan_weights(self, level_j: Tensor) -> Tensor:
         return time_weight(self.m.gan.time_weight or "constant", level_j, self.param)
 
-    def discriminate(self, call: DiscCall, x: Tensor, cond: Conditioning, draws: DiscDraws | None) -> Tensor:
-        """D's logits on ``x`` (in D's input space) after DiffAugment, with D's noise if it is noised."""
+    def discriminate(
+        self, call: DiscCall, x: Tensor, cond: Conditioning, draws: DiscDraws | None, groups: int = 1
+    ) -> Tensor:
+        """D's logits on ``x`` (in D's input space) after DiffAugment, with D's noise if it is noised.
+        ``groups`` > 1: ``x`` holds that many batches (real, fake) that a D with ``separate_calls``
+        judges in separate passes."""
         if draws is not None and draws.aug is not None:
             x = diffaug(x, draws.aug)
+        kwargs = {"groups": groups} if groups > 1 and getattr(self.disc, "separate_calls", False) else {}
         if self.disc.noised:
             if draws is None or draws.level is None:
                 raise ValueError("a noised discriminator needs its drawn levels and noise")
-            return call(x, cond, draws.level, draws.noise)
-        return call(x, cond)
+            return call(x, cond, draws.level, draws.noise, **kwargs)
+        return call(x, cond, **kwargs)
 
     def generator_loss(
-        self, x_in: Tensor, out_in: Tensor, x0: Tensor, d: StepDraws, cond: Conditioning
+        self,
+        x_in: Tensor,
+        out_in: Tensor,
+        x0: Tensor,
+        d: StepDraws,
+        cond: Conditioning,
+        disc_cond: Conditioning | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """DMD + w_gan · adversarial + w_isg · ISG on G's output ``x0`` (and its raw output ``out_in``)."""
+        """DMD + w_gan · adversarial + w_isg · ISG on G's output ``x0`` (and its raw output ``out_in``);
+        ``disc_cond``: D's condition when it differs from the networks' (the VFM's text and reference)."""
         m, p, nets = self.m, self.param, self.nets
         x_t = p.add_noise(x0, d.dmd_noise, d.dmd_level).detach()
         with torch.no_grad():
@@ -141,7 +153,9 @@ class SenseFlowStep:
         if self.disc is not None and m.gan.weight:
             # The unwrapped discriminator: its parameter gradients from this loss are discarded.
             x_d = nets.decode(x0) if self.disc.input_space == "pixels" else x0
-            logits = self.discriminate(nets.discriminator, x_d, cond, d.disc_gen)
+            logits = self.discriminate(
+                nets.discriminator, x_d, cond if disc_cond is None else disc_cond, d.disc_gen
+            )
             adv = self.g_loss(logits, self.gan_weights(level_j))
             total = total + m.gan.weight * adv
             logs["loss_adv"] = adv.item()
@@ -174,7 +188,7 @@ class SenseFlowStep:
         draws = None if d.disc_real is None else d.disc_real.cat(d.disc_fake)
         # One forward over real and fake together: DDP pairs each forward with one backward.
         logits = self.discriminate(
-            self.nets.discriminator_train, torch.cat([real, fake]), cond.cat(cond), draws
+            self.nets.discriminator_train, torch.cat([real, fake]), cond.cat(cond), draws, groups=2
         )
         real_logits, fake_logits = logits.chunk(2)
         loss = self.m.gan.disc_weight * self.d_loss(real_logits, fake_logits, self.gan_weights(level_j))

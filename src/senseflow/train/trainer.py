@@ -77,6 +77,25 @@ def _check_supported(cfg: DistillConfig) -> None:
         )
 
 
+class _Once:
+    """A value computed on first use and kept (the real images in pixels: decoded once, if at all)."""
+
+    def __init__(self, make):
+        self.make, self.value, self.done = make, None, False
+
+    def __call__(self):
+        if not self.done:
+            self.value, self.done = self.make(), True
+        return self.value
+
+
+def disc_conditioning(disc, batch: Batch, cond: Conditioning, real_pixels) -> Conditioning:
+    """D's condition for a batch: its own when it has one (the VFM's text and reference image), else
+    the networks' conditioning."""
+    own = getattr(disc, "conditioning", None)
+    return cond if own is None else own(batch.prompts, cond, real_pixels)
+
+
 class Distiller:
     def __init__(self, cfg: DistillConfig, progress: bool = True):
         _check_supported(cfg)
@@ -180,9 +199,9 @@ class Distiller:
             return lambda x, level, cond: self.predict(net, x, level, cond)
 
         def disc_call(module):
-            def fn(*args):
+            def fn(*args, **kwargs):
                 with autocast(self.device, self.autocast_dtype):
-                    return module(*args).float()
+                    return module(*args, **kwargs).float()
 
             return fn
 
@@ -260,10 +279,16 @@ class Distiller:
         out_in, x0 = step.generator_output(x_in, level_j, cond, train=generator_turn)
         logs: dict[str, float] = {"iteration": n, "generator_turn": float(generator_turn)}
         losses: dict[str, Tensor] = {}
+        disc = self.discriminator
+        real_pixels = _Once(lambda: self._real_pixels(batch, x_real))
+        disc_cond = cond if disc is None else disc_conditioning(disc, batch, cond, real_pixels)
+        leak = disc is not None and cfg.method.gan.official_grad_leak and generator_turn
         if generator_turn:
-            total, more = step.generator_loss(x_in, out_in, x0, d, cond)
+            total, more = step.generator_loss(x_in, out_in, x0, d, cond, disc_cond)
             logs.update(more)
             losses["generator"] = total
+            if leak:  # D's heads collect the generator's adversarial gradient for D's own update
+                self.optimizers["discriminator"].zero_grad(set_to_none=True)
             if not self._non_finite({"generator": total}):
                 self.update("generator", total)
                 if cfg.method.ida.enabled:
@@ -275,7 +300,6 @@ class Distiller:
         fake = step.fake_loss(x0, d, cond)
         losses["fake_score"] = fake
         logs["loss_fake"] = fake.item()
-        disc = self.discriminator
         pixels = disc is not None and disc.input_space == "pixels"
         # Decoding (a VAE pass for latent teachers) only for a pixel-space D or for the image statistics
         # of a logged iteration (which rank 0 alone writes).
@@ -285,15 +309,15 @@ class Distiller:
         if fake_alone and not self._non_finite({"fake": fake}):
             self.update("fake_score", fake)
         if disc is not None:
-            real_d, fake_d = (self._real_pixels(batch, x_real), decoded) if pixels else (x_real, x0)
+            real_d, fake_d = (real_pixels(), decoded) if pixels else (x_real, x0)
             with disc.fake_in_graph() if disc.shares_fake_update else nullcontext():
-                d_loss, more = step.discriminator_loss(real_d, fake_d, cond, level_j, d)
+                d_loss, more = step.discriminator_loss(real_d, fake_d, disc_cond, level_j, d)
             losses["discriminator"] = d_loss
             if disc.shares_fake_update:  # D's loss also trains the fake score: one backward, two steps
                 if not self._non_finite({"fake": fake, "d": d_loss}):
                     self.joint_update(("fake_score", "discriminator"), fake + d_loss)
             elif not self._non_finite({"d": d_loss}):
-                self.update("discriminator", d_loss)
+                self.joint_update(("discriminator",), d_loss, keep_grads=leak)
             logs.update(more)
         if stats:
             logs.update(image_stats(decoded, cfg.health))
@@ -317,10 +341,12 @@ class Distiller:
             return (3, self.cfg.data.resolution, self.cfg.data.resolution)
         return sample_shape
 
-    def joint_update(self, names: tuple[str, ...], loss: Tensor) -> None:
-        """One backward of a loss shared by several networks, then each optimiser's clip and step."""
+    def joint_update(self, names: tuple[str, ...], loss: Tensor, keep_grads: bool = False) -> None:
+        """One backward of a loss shared by several networks, then each optimiser's clip and step
+        (``keep_grads``: add to the gradients already there, for ``gan.official_grad_leak``)."""
         for name in names:
-            self.optimizers[name].zero_grad(set_to_none=True)
+            if not keep_grads:
+                self.optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
         for name in names:
             if self.clips[name] is not None:

@@ -33,6 +33,14 @@ class ScenePool:
             single_object_fraction = 1.0 if self.singles else 0.0
         self.single_object_fraction = single_object_fraction
 
+    def prompts(self) -> list[str]:
+        """Every prompt :meth:`draw` can return (each once): the one-object scenes' unless their
+        share is 0, then the two-object scenes' unless it is 1."""
+        scenes = (self.singles if self.single_object_fraction > 0 else []) + (
+            self.pairs if self.single_object_fraction < 1 else []
+        )
+        return list(dict.fromkeys(s.prompt for s in scenes))
+
     def draw(self, rng: np.random.Generator) -> SceneSpec:
         pool = self.singles if rng.random() < self.single_object_fraction else self.pairs
         return pool[int(rng.integers(len(pool)))]
@@ -103,6 +111,10 @@ class ShapesStream:
         rng = np.random.default_rng([self.seed, index, j])
         scene = self.scenes.draw(rng)
         return render(scene, rng, self.image_size)[0], scene
+
+    def prompts(self) -> list[str]:
+        """The finite pool of prompts the stream draws from (what ``senseflow cache-text`` encodes)."""
+        return self.scenes.prompts()
 
     def batch(self, index: int) -> Batch:
         start = self.rank * self.batch_size
