@@ -27,7 +27,7 @@ def test_built_ins():
     assert "toy" in available("family") and "toy" in available("data")
     assert {"sdxl", "sd3", "flux"} <= set(available("family"))
     assert {"toy", "dmd2_head"} <= set(available("discriminator"))
-    assert "vfm" not in available("discriminator")  # planned: rules only
+    assert "vfm" in available("discriminator")
 
 
 @pytest.mark.parametrize("recipe", ["sdxl.yaml", "sd35_large.yaml", "sd35_medium.yaml", "flux_dev.yaml"])
@@ -125,8 +125,10 @@ def test_a_planned_discriminator_is_refused_before_any_weight_is_read(
 
     read = []
     monkeypatch.setattr(build, "read_weights", lambda files: read.append(files) or {})
-    cfg = _toy(f"model.teacher={tiny_teacher_dir}", f"output_dir={tmp_path}", "method.gan.type=vfm")
-    with pytest.raises(ValueError, match=r"method\.gan\.type: 'vfm' is a valid recipe value"):
+    monkeypatch.setattr(registry, "_DISCRIMINATORS", dict(registry._DISCRIMINATORS))
+    registry.register_discriminator("planned_disc")  # a name without a builder
+    cfg = _toy(f"model.teacher={tiny_teacher_dir}", f"output_dir={tmp_path}", "method.gan.type=planned_disc")
+    with pytest.raises(ValueError, match=r"method\.gan\.type: 'planned_disc' is a valid recipe value"):
         trainer.Distiller(cfg, progress=False)
     assert read == []
 

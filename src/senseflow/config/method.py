@@ -220,7 +220,19 @@ class GANConfig(_Section):
     )
     diffaug: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=lambda: ["color", "translation", "cutout"],
-        description="DiffAugment policy applied to D's input image only (§8.1); parameters unknown (§12.14).",
+        description="DiffAugment policy applied to D's input image only, real and fake drawn apart (§8.1).",
+    )
+    diffaug_translation: float = Field(
+        default=0.125,
+        ge=0.0,
+        le=1.0,
+        description="DiffAugment's largest shift as a fraction of the side: 1/8 in the code and paper (§13).",
+    )
+    diffaug_cutout: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=1.0,
+        description="DiffAugment's cutout side as a fraction of the image side: 0.2 in the code (§13).",
     )
     head_trains_fake: bool = Field(
         default=True,

@@ -83,9 +83,15 @@ def _uniform(n: int, bounds: tuple[float, float], generator: torch.Generator | N
 
 
 def draw_diffaug_params(
-    policy: Iterable[str], n: int, image_shape: Sequence[int], generator: torch.Generator | None = None
+    policy: Iterable[str],
+    n: int,
+    image_shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    translation_ratio: float = TRANSLATION_RATIO,
+    cutout_ratio: float = CUTOUT_RATIO,
 ) -> DiffAugParams:
-    """Parameters for ``n`` samples of shape ``image_shape`` = (C, H, W), drawn in policy order."""
+    """Parameters for ``n`` samples of shape ``image_shape`` = (C, H, W), drawn in policy order; the
+    ratios default to the DiffAugment paper's (the official SenseFlow code: 1/8 and 0.2, §13)."""
     chosen = _policies(policy)
     h, w = _spatial(image_shape)
     params: DiffAugParams = {}
@@ -94,12 +100,12 @@ def draw_diffaug_params(
         params["saturation"] = _uniform(n, SATURATION_RANGE, generator)
         params["contrast"] = _uniform(n, CONTRAST_RANGE, generator)
     if "translation" in chosen:
-        sy, sx = _side(TRANSLATION_RATIO, h), _side(TRANSLATION_RATIO, w)
+        sy, sx = _side(translation_ratio, h), _side(translation_ratio, w)
         dy = torch.randint(-sy, sy + 1, (n,), generator=generator)
         dx = torch.randint(-sx, sx + 1, (n,), generator=generator)
         params["translation"] = torch.stack([dy, dx], dim=1)
     if "cutout" in chosen:
-        ch, cw = _side(CUTOUT_RATIO, h), _side(CUTOUT_RATIO, w)
+        ch, cw = _side(cutout_ratio, h), _side(cutout_ratio, w)
         cy = torch.randint(0, h + (1 - ch % 2), (n,), generator=generator)
         cx = torch.randint(0, w + (1 - cw % 2), (n,), generator=generator)
         size = torch.tensor([ch, cw]).expand(n, 2)

@@ -14,7 +14,7 @@ def resolve_pretrained(
     revision: str | None = None,
     allow_download: bool = False,
     patterns: list[str] | None = None,
-    allow_field: str = "model.allow_download",
+    allow_field: str | None = "model.allow_download",
 ) -> Path:
     """A local folder as given, or a hub id from the local hub cache (fetched only with
     ``allow_download``, and then only the files matching ``patterns``). Every failure is one error
@@ -39,7 +39,8 @@ def resolve_pretrained(
             "the form org/name"
         ) from None
     except LocalEntryNotFoundError:
+        allow = f" or set {allow_field}: true" if allow_field else ""
         raise FileNotFoundError(
             f"{field}: {name!r} is neither a local folder nor in the hub cache; download it first "
-            f"(huggingface-cli download {name}) or set {allow_field}: true"
+            f"(huggingface-cli download {name}){allow}"
         ) from None

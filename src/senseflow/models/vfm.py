@@ -322,7 +322,9 @@ class VFMDiscriminator(nn.Module):
 def load_backbone(gan: GANConfig, allow_download: bool = False) -> tuple[nn.Module, Path]:
     from transformers import Dinov2Model
 
-    folder = resolve_pretrained(gan.backbone, "method.gan.backbone", allow_download=allow_download)
+    folder = resolve_pretrained(
+        gan.backbone, "method.gan.backbone", allow_download=allow_download, allow_field=None
+    )
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"method.gan.backbone: {folder} has no config.json (expected a DINOv2 folder as "
@@ -341,7 +343,7 @@ def build_vfm(gan: GANConfig, adapter, fake_score: nn.Module) -> VFMDiscriminato
     model, folder = load_backbone(gan)
     mean, std = image_statistics(folder)
     backbone = DinoFeatures(model, list(gan.feature_blocks), mean, std, gan.backbone_checkpointing)
-    text_folder = resolve_pretrained(gan.text_encoder, "method.gan.text_encoder")
+    text_folder = resolve_pretrained(gan.text_encoder, "method.gan.text_encoder", allow_field=None)
     config = json.loads((text_folder / "config.json").read_text())
     text_dim = int(config.get("projection_dim") or config.get("text_config", {}).get("projection_dim", 512))
     disc = VFMDiscriminator(backbone, CLIPTextEmbedder(text_folder), text_dim, gan.input_size)
@@ -354,4 +356,4 @@ def build_vfm(gan: GANConfig, adapter, fake_score: nn.Module) -> VFMDiscriminato
 
 def build_vfm_text_encoder(gan: GANConfig) -> CLIPTextEmbedder:
     """What ``senseflow cache-text`` runs to add D's text embeddings to the cache."""
-    return CLIPTextEmbedder(resolve_pretrained(gan.text_encoder, "method.gan.text_encoder"))
+    return CLIPTextEmbedder(resolve_pretrained(gan.text_encoder, "method.gan.text_encoder", allow_field=None))

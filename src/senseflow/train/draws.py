@@ -158,7 +158,12 @@ def draw_step(
     disc = {}
     if disc_shape is not None and (method.gan.diffaug or disc_noised):
         for role in ("real", "fake", "gen"):
-            aug = draw_diffaug_params(method.gan.diffaug, G, disc_shape, g) if method.gan.diffaug else None
+            aug = None
+            if method.gan.diffaug:
+                gan = method.gan
+                aug = draw_diffaug_params(
+                    gan.diffaug, G, disc_shape, g, gan.diffaug_translation, gan.diffaug_cutout
+                )
             level = noise = None
             if disc_noised:
                 level = param.level_from_grid(torch.randint(0, param.grid_max + 1, (G,), generator=g))

@@ -1,0 +1,101 @@
+"""The VFM discriminator through the trainer: toy world and a real family's tiny folder, bit-exact
+resume, the text cache's VFM group, and ``gan.official_grad_leak``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from senseflow.cli import main
+from senseflow.families.tiny import write_tiny_clip, write_tiny_dinov2
+from senseflow.train.trainer import Distiller
+from tests.family_helpers import family_cfg, write_image_dataset
+from tests.trainer_helpers import straight_and_resumed, toy_cfg
+
+
+@pytest.fixture(scope="module")
+def vfm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vfm_parts")
+    dino, clip = write_tiny_dinov2(root / "dino"), write_tiny_clip(root / "clip")
+    return [
+        "method.gan.type=vfm",
+        "method.gan.weight=0.5",
+        "method.gan.time_weight=alpha_sq",
+        f"method.gan.backbone={dino}",
+        f"method.gan.text_encoder={clip}",
+        "method.gan.feature_blocks=[1,3]",
+        "method.gan.diffaug=[color,translation,cutout]",
+    ]
+
+
+def _weights(run, step):
+    folder = run / "checkpoints" / f"step-{step:08d}"
+    return {
+        m: load_file(str(folder / f"{m}.safetensors")) for m in ("generator", "fake_score", "discriminator")
+    }
+
+
+def _identical(a, b):
+    for module, tensors in a.items():
+        assert tensors.keys() == b[module].keys(), module
+        for key, value in tensors.items():
+            assert torch.equal(value, b[module][key]), f"{module}.{key}"
+
+
+def test_toy_distillation_with_the_vfm_resumes_bit_exactly(tiny_teacher_dir, tmp_path, vfm):
+    straight, split, resumed = straight_and_resumed(
+        tiny_teacher_dir, tmp_path, 4, *vfm, "method.ttur_ratio=2", checkpoint_every=2
+    )
+    _identical(_weights(straight, 4), _weights(split, 4))
+    disc = _weights(straight, 4)["discriminator"]
+    assert disc and all(k.startswith("heads.") for k in disc)  # the frozen backbone is not saved
+    logs = resumed.last_logs
+    assert "disc_real_acc" in logs and "loss_disc" in logs
+
+
+def test_a_real_family_trains_with_the_vfm_on_decoded_images(tiny_folder, tmp_path, vfm):
+    data = write_image_dataset(tmp_path / "data")
+    cfg = family_cfg("sd3", tiny_folder("sd3", "a"), data, tmp_path / "run", *vfm, "schedule.iterations=2")
+    trainer = Distiller(cfg, progress=False)
+    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+    logs = trainer.run()
+    assert torch.isfinite(torch.tensor(logs["loss_disc"]))
+    moved = [k for k, v in trainer.generator.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved  # the generator's first turn had DMD + the VFM's adversarial term through the decode
+
+
+def test_grad_leak_changes_only_the_discriminators_update(tiny_teacher_dir, tmp_path, vfm):
+    def run(out, leak, iterations=1):
+        cfg = toy_cfg(
+            tiny_teacher_dir,
+            out,
+            *vfm,
+            f"method.gan.official_grad_leak={leak}",
+            "method.ttur_ratio=2",
+            f"schedule.iterations={iterations}",
+            checkpoint_every=1,
+        )
+        Distiller(cfg, progress=False).run()
+        return _weights(out, iterations)
+
+    off, on = run(tmp_path / "off", "false"), run(tmp_path / "on", "true")
+    _identical({"generator": off["generator"]}, {"generator": on["generator"]})  # G's turn: same update
+    differs = [k for k, v in off["discriminator"].items() if not torch.equal(v, on["discriminator"][k])]
+    assert differs  # D's step also saw G's adversarial gradient
+
+
+def test_cache_text_adds_the_vfm_group_and_a_cached_run_holds_no_clip(tiny_teacher_dir, tmp_path, vfm):
+    common = [f"model.teacher={tiny_teacher_dir}", *vfm, "schedule.iterations=2", "data.batch_size=2"]
+    assert main(["cache-text", "toy/distill", *common, "--out", str(tmp_path / "cache"), "--quiet"]) == 0
+    cfg = toy_cfg(
+        tiny_teacher_dir,
+        tmp_path / "run",
+        *vfm,
+        "schedule.iterations=2",
+        f"model.text_cache={tmp_path / 'cache'}",
+    )
+    trainer = Distiller(cfg, progress=False)
+    trainer.run()
+    assert trainer.discriminator.text_cache is not None
+    assert trainer.discriminator.text._model is None  # D's CLIP text tower was never loaded
