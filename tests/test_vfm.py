@@ -182,3 +182,15 @@ def test_conditioning_reads_the_text_cache_group(folders, tmp_path):
     torch.testing.assert_close(cached.tensors[TEXT_KEY], live)
     assert cached.tensors[REFERENCE_KEY].shape == (2, 3, 8, 8)
     assert isinstance(cached, Conditioning)
+
+
+def test_recipe_refusals(folders):
+    from senseflow.config.errors import ConfigError  # noqa: F401  (GANConfig raises pydantic errors)
+
+    with pytest.raises(ValueError, match="official_grad_leak"):
+        GANConfig(type="none", official_grad_leak=True)
+    with pytest.raises(ValueError, match="official_grad_leak"):
+        GANConfig(type="dmd2_head", weight=1.0, official_grad_leak=True)
+    GANConfig(type="dmd2_head", weight=1.0, official_grad_leak=True, head_trains_fake=False)
+    with pytest.raises(ValueError, match="distinct block indices"):
+        build_vfm(_gan(folders, feature_blocks=[1, 1]), None, None)

@@ -54,15 +54,32 @@ def test_toy_distillation_with_the_vfm_resumes_bit_exactly(tiny_teacher_dir, tmp
     assert "disc_real_acc" in logs and "loss_disc" in logs
 
 
-def test_a_real_family_trains_with_the_vfm_on_decoded_images(tiny_folder, tmp_path, vfm):
+def test_a_real_family_trains_with_the_vfm_and_resumes_bit_exactly(tiny_folder, tmp_path, vfm):
     data = write_image_dataset(tmp_path / "data")
-    cfg = family_cfg("sd3", tiny_folder("sd3", "a"), data, tmp_path / "run", *vfm, "schedule.iterations=2")
-    trainer = Distiller(cfg, progress=False)
-    before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
-    logs = trainer.run()
-    assert torch.isfinite(torch.tensor(logs["loss_disc"]))
-    moved = [k for k, v in trainer.generator.state_dict().items() if not torch.equal(v, before[k])]
-    assert moved  # the generator's first turn had DMD + the VFM's adversarial term through the decode
+
+    def run(out, iterations, *more):
+        cfg = family_cfg(
+            "sd3",
+            tiny_folder("sd3", "a"),
+            data,
+            out,
+            *vfm,
+            f"schedule.iterations={iterations}",
+            "checkpoint.every=2",
+            *more,
+        )
+        trainer = Distiller(cfg, progress=False)
+        trainer.run()
+        return trainer
+
+    trainer = run(tmp_path / "straight", 4)
+    run(tmp_path / "split", 2)
+    run(tmp_path / "split", 4, "checkpoint.resume=latest")
+    assert torch.isfinite(torch.tensor(trainer.last_logs["loss_disc"]))
+    _identical(_weights(tmp_path / "straight", 4), _weights(tmp_path / "split", 4))
+    initial = _weights(tmp_path / "split", 2)["generator"]
+    final = _weights(tmp_path / "straight", 4)["generator"]
+    assert any(not torch.equal(v, final[k]) for k, v in initial.items())  # G trained through the decode
 
 
 def test_grad_leak_changes_only_the_discriminators_update(tiny_teacher_dir, tmp_path, vfm):
@@ -99,3 +116,14 @@ def test_cache_text_adds_the_vfm_group_and_a_cached_run_holds_no_clip(tiny_teach
     trainer.run()
     assert trainer.discriminator.text_cache is not None
     assert trainer.discriminator.text._model is None  # D's CLIP text tower was never loaded
+    # the cache alone suffices: a run on a machine without the CLIP folder
+    elsewhere = [v for v in vfm if not v.startswith("method.gan.text_encoder=")]
+    cfg = toy_cfg(
+        tiny_teacher_dir,
+        tmp_path / "run2",
+        *elsewhere,
+        "method.gan.text_encoder=nobody/missing-clip",
+        "schedule.iterations=1",
+        f"model.text_cache={tmp_path / 'cache'}",
+    )
+    Distiller(cfg, progress=False).run()

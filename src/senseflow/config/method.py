@@ -276,6 +276,14 @@ class GANConfig(_Section):
                     else "it reads no discriminator-specific field"
                 )
                 raise field_error(name, f"not read by discriminator '{self.type}'; remove it ({which})")
+        if self.official_grad_leak and (
+            self.type == "none" or (self.type == "dmd2_head" and self.head_trains_fake)
+        ):
+            raise field_error(
+                "official_grad_leak",
+                "needs a discriminator with its own update (not with type none, nor with the DMD2 head "
+                "sharing the fake score's update)",
+            )
         blocks = self.feature_blocks
         if self.type == "dmd2_head" and blocks != defaults["feature_blocks"] and len(blocks) != 1:
             raise field_error(

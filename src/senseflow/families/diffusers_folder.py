@@ -16,16 +16,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from senseflow.models.adapter import FamilyAdapter, Role
 from senseflow.models.build import safetensors_files
-from senseflow.models.hub import resolve_pretrained
+from senseflow.models.hub import resolve_pretrained, safetensors_fingerprint
 
 MODEL_INDEX = "model_index.json"
 # Files a diffusers pipeline needs from the hub: the index, every component's configs, tokenizer
@@ -59,23 +59,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-
-
-def safetensors_fingerprint(path: Path) -> str:
-    """A cheap identity of a safetensors file: its header (every tensor's name, dtype, shape and
-    offsets), its size and its first and last MiB. Hashing a 10 GB text encoder whole at every start
-    would cost minutes; a retrained or converted file changes the header or the sampled bytes."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        digest.update(f.read(header_len))
-        digest.update(str(size).encode())
-        chunk = 1 << 20
-        digest.update(f.read(chunk))
-        f.seek(max(0, size - chunk))
-        digest.update(f.read(chunk))
-    return digest.hexdigest()
 
 
 def _file_hash(path: Path) -> str:
@@ -290,7 +273,14 @@ class DiffusersAdapter(FamilyAdapter):
         mean, std = self._latent_stats(z)
         z = z * std / float(self.vae_config["scaling_factor"]) + mean
         with torch.autocast(z.device.type, enabled=False):
-            return self.vae.decode(z, return_dict=False)[0]
+            if torch.is_grad_enabled() and z.requires_grad:
+                # the generator's path into a pixel-space D: the decoder's activations are recomputed
+                # in the backward pass (the official code checkpoints it; at 1024 px they take GiBs)
+                return checkpoint(self._decode, z, use_reentrant=False)
+            return self._decode(z)
+
+    def _decode(self, z: Tensor) -> Tensor:
+        return self.vae.decode(z, return_dict=False)[0]
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """The latent's (h, w) for an image, as the stock pipeline rounds it."""

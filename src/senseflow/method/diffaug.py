@@ -9,9 +9,9 @@ They are split in two so that the trainer can draw every random number of an ite
 * :func:`diffaug` is a pure function of ``(x, params)``: the same params give the same output, and
   the output is differentiable in ``x``.
 
-The official SenseFlow code names only the policy ("color, translation, cutout"); its parameter
-ranges are unknown (§12.14). The ranges below are the defaults of the DiffAugment paper's reference
-implementation, per sample:
+The ranges below are the DiffAugment paper's reference implementation's, per sample; the official
+SenseFlow code uses them with a cutout ratio of 0.2 (§13), which the recipes set through
+``method.gan.diffaug_translation`` / ``diffaug_cutout`` (the module defaults stay the paper's):
 
 * ``color``: brightness x + b, b ~ U[-0.5, 0.5); saturation (x - m_c)·s + m_c with m_c the
   per-pixel mean over channels, s ~ U[0, 2); contrast (x - m)·c + m with m the per-sample mean over

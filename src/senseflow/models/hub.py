@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from pathlib import Path
 
 from senseflow.config.common import looks_like_local_path
@@ -44,3 +46,20 @@ def resolve_pretrained(
             f"{field}: {name!r} is neither a local folder nor in the hub cache; download it first "
             f"(huggingface-cli download {name}){allow}"
         ) from None
+
+
+def safetensors_fingerprint(path: Path) -> str:
+    """A cheap identity of a safetensors file: its header (every tensor's name, dtype, shape and
+    offsets), its size and its first and last MiB. Hashing a 10 GB text encoder whole at every start
+    would cost minutes; a retrained or converted file changes the header or the sampled bytes."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        digest.update(f.read(header_len))
+        digest.update(str(size).encode())
+        chunk = 1 << 20
+        digest.update(f.read(chunk))
+        f.seek(max(0, size - chunk))
+        digest.update(f.read(chunk))
+    return digest.hexdigest()

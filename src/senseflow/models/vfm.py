@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from senseflow.config.method import GANConfig
 from senseflow.models.batch import Conditioning
-from senseflow.models.hub import resolve_pretrained
+from senseflow.models.hub import resolve_pretrained, safetensors_fingerprint
 
 TEXT_GROUP = "vfm"  # the text cache group of D's text embedding
 TEXT_KEY = f"{TEXT_GROUP}.text"
@@ -150,6 +150,8 @@ class DinoFeatures(nn.Module):
     def __init__(self, model: nn.Module, blocks: list[int], mean: list[float], std: list[float], ckpt: bool):
         super().__init__()
         depth = len(model.encoder.layer)
+        if not blocks or len(set(blocks)) != len(blocks):
+            raise ValueError(f"method.gan.feature_blocks: expected distinct block indices, got {blocks}")
         bad = [b for b in blocks if not 0 <= b < depth]
         if bad:
             raise ValueError(
@@ -189,9 +191,10 @@ class DinoFeatures(nn.Module):
         maps = [tokens]
         for i, layer in enumerate(self.model.encoder.layer[: self.blocks[-1] + 1]):
             if self.checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(layer, tokens, use_reentrant=False)
+                out = checkpoint(layer, tokens, use_reentrant=False)
             else:
-                tokens = layer(tokens)
+                out = layer(tokens)
+            tokens = out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
             if i in self.blocks:
                 maps.append(tokens)
         return [(t[:, 1:] + t[:, :1]).transpose(1, 2).reshape(len(x), self.width, h, w) for t in maps]
@@ -212,18 +215,28 @@ class CLIPTextEmbedder:
     def _load(self) -> None:
         from transformers import AutoTokenizer, CLIPModel, CLIPTextModelWithProjection
 
+        # a full CLIP folder (openai/clip-vit-large-patch14) or a text tower with its projection; used
+        # only when the text cache does not hold D's text features
         config = json.loads((self.folder / "config.json").read_text())
         cls = CLIPModel if config.get("model_type") == "clip" else CLIPTextModelWithProjection
         self._model = cls.from_pretrained(self.folder).to(self.device).eval().requires_grad_(False)
         self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
 
+    def _text_config(self):
+        config = self._model.config
+        return getattr(config, "text_config", config)
+
     def identity(self) -> dict[str, Any]:
+        """Configs and tokenizer files by content, weights by their cheap fingerprint."""
         from senseflow.models.text_cache import file_sha256
 
-        files = sorted(
-            p for p in self.folder.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".safetensors")
-        )
-        return {"model": "clip_text_features_l2", "files": {p.name: file_sha256(p) for p in files}}
+        out = {}
+        for path in sorted(p for p in self.folder.iterdir() if p.is_file()):
+            if path.suffix == ".safetensors":
+                out[path.name] = safetensors_fingerprint(path)
+            elif path.suffix in (".json", ".txt"):
+                out[path.name] = file_sha256(path)
+        return {"model": "clip_text_features_l2", "files": out}
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -232,7 +245,7 @@ class CLIPTextEmbedder:
         ids = self._tokenizer(
             prompts,
             padding="max_length",
-            max_length=self._tokenizer.model_max_length,
+            max_length=self._text_config().max_position_embeddings,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
@@ -279,10 +292,10 @@ class VFMDiscriminator(nn.Module):
     def fake_in_graph(self) -> contextlib.AbstractContextManager:
         return nullcontext()
 
-    def to(self, *args, **kwargs):  # the backbone and the text tower (not submodules) follow
-        out = super().to(*args, **kwargs)
+    def _apply(self, fn, recurse=True):  # .to / .cuda / .float: the backbone and the text tower follow
+        out = super()._apply(fn, recurse)
+        self.backbone._apply(fn, recurse)
         device = next(self.heads.parameters()).device
-        self.backbone.to(device)
         self.text.to(device)
         if self.text_cache is not None:
             self.text_cache.to(device)
@@ -343,13 +356,29 @@ def build_vfm(gan: GANConfig, adapter, fake_score: nn.Module) -> VFMDiscriminato
     model, folder = load_backbone(gan)
     mean, std = image_statistics(folder)
     backbone = DinoFeatures(model, list(gan.feature_blocks), mean, std, gan.backbone_checkpointing)
-    text_folder = resolve_pretrained(gan.text_encoder, "method.gan.text_encoder", allow_field=None)
-    config = json.loads((text_folder / "config.json").read_text())
-    text_dim = int(config.get("projection_dim") or config.get("text_config", {}).get("projection_dim", 512))
-    disc = VFMDiscriminator(backbone, CLIPTextEmbedder(text_folder), text_dim, gan.input_size)
     cache = getattr(adapter, "text_cache", None)
-    if cache is not None and TEXT_GROUP in cache.groups:
-        cache.check_identity(TEXT_GROUP, disc.text.identity())
+    cached = cache is not None and TEXT_GROUP in cache.groups
+    try:
+        text_folder = resolve_pretrained(gan.text_encoder, "method.gan.text_encoder", allow_field=None)
+    except FileNotFoundError:
+        if not cached:
+            raise
+        text_folder = None  # the cache holds D's text features: the CLIP folder is not needed
+    if text_folder is not None and not (text_folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"method.gan.text_encoder: {text_folder} has no config.json (expected a CLIP folder as "
+            "`huggingface-cli download openai/clip-vit-large-patch14` writes it)"
+        )
+    if cached:
+        text_dim = int(cache.tensor_specs(TEXT_GROUP)[TEXT_KEY]["shape"][-1])
+    else:
+        config = json.loads((text_folder / "config.json").read_text())
+        text_dim = int(config.get("projection_dim") or config["text_config"]["projection_dim"])
+    text = CLIPTextEmbedder(text_folder or Path(gan.text_encoder))
+    disc = VFMDiscriminator(backbone, text, text_dim, gan.input_size)
+    if cached:
+        if text_folder is not None:
+            cache.check_identity(TEXT_GROUP, text.identity())
         disc.text_cache = cache
     return disc
 

@@ -151,7 +151,8 @@ class SenseFlowStep:
         logs = {"loss_dmd": dmd.loss.item(), **{f"dmd_{k}": v.item() for k, v in dmd.stats.items()}}
         level_j, level_next = self.levels[d.anchor_index], self.levels[d.anchor_index + 1]
         if self.disc is not None and m.gan.weight:
-            # The unwrapped discriminator: its parameter gradients from this loss are discarded.
+            # The unwrapped discriminator: its parameter gradients from this loss are discarded (zeroed
+            # before D's update), unless gan.official_grad_leak keeps them for it.
             x_d = nets.decode(x0) if self.disc.input_space == "pixels" else x0
             logits = self.discriminate(
                 nets.discriminator, x_d, cond if disc_cond is None else disc_cond, d.disc_gen
