@@ -155,3 +155,24 @@ def test_fsdp2_on_two_ranks_equals_one_process(tiny_folder, dataset, tmp_path, f
         assert tensors.keys() == two[module].keys()
         for key, value in tensors.items():
             torch.testing.assert_close(value, two[module][key], rtol=1e-4, atol=1e-4, msg=f"{module}.{key}")
+
+
+def test_generate_and_the_eval_student_source_take_a_real_familys_run(tiny_folder, dataset, tmp_path):
+    from senseflow.cli import main
+    from senseflow.eval.config import ModelEntry
+    from senseflow.eval.sources import build_source
+
+    run = tmp_path / "run"
+    Distiller(family_cfg("sdxl", tiny_folder("sdxl", "a"), dataset, run), progress=False).run()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    out = tmp_path / "images"
+    assert (
+        main(["generate", "--run", str(run), "--prompts", str(prompts), "--out", str(out), "--device", "cpu"])
+        == 0
+    )
+    assert (out / "00000.png").is_file() and (out / "00001.png").is_file() and (out / "grid.png").is_file()
+    source = build_source(ModelEntry(name="student", kind="student", path=str(run)), device="cpu")
+    images = source.generate(["a red cat"], [0])
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+    assert source.identity()["kind"] == "student"
