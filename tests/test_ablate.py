@@ -7,7 +7,9 @@ import math
 import torch
 
 from senseflow.cli import main
+from senseflow.config import load_config
 from senseflow.experiments.toy.ablate import VARIANTS
+from senseflow.experiments.toy.ablate_variants import SETS
 
 
 def _args(teacher, tmp_path):
@@ -57,7 +59,7 @@ def test_ablate_writes_report_and_resumes(tiny_teacher_dir, tmp_path, capsys):
             "seconds_per_iteration",
         ):
             assert math.isfinite(s[key]["mean"]), (v, key)
-    assert payload["summary"]["vanilla"]["time_vs_vanilla"] == 1.0
+    assert payload["summary"]["vanilla"]["time_vs_baseline"] == 1.0
     assert "senseflow toy ablate --seeds 0 --variants vanilla full" in md
     assert len(payload["reference"]) == 3 and "FID-T floor" in md
     weights = tiny_teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -80,3 +82,17 @@ def test_ablate_rejects_unknown_variant(tiny_teacher_dir, tmp_path, capsys):
     args[args.index("full")] = "nonsense"
     assert main(args) == 2
     assert "unknown nonsense" in capsys.readouterr().err
+
+
+def test_variant_sets_name_known_variants():
+    for vset in SETS.values():
+        assert set(vset.variants) <= set(VARIANTS) and vset.baseline in vset.variants
+    leak = SETS["grad_leak"]
+    assert leak.variants == ("full", "full_leak") and leak.stem == "toy_grad_leak"
+    off, on = (load_config("toy/distill", list(VARIANTS[v].overrides)) for v in leak.variants)
+    # the two recipes differ in the flag alone, and the toy GAN term it acts on is active
+    assert not off.method.gan.official_grad_leak and on.method.gan.official_grad_leak
+    dump = on.model_dump()
+    dump["method"]["gan"]["official_grad_leak"] = False
+    assert dump == off.model_dump()
+    assert on.method.gan.type == "toy" and on.method.gan.weight > 0

@@ -12,7 +12,8 @@ and their features are computed once and cached in ``<runs>/reference/``.
 Resumable per (variant, seed): a run whose final checkpoint exists is not trained again (an
 interrupted one continues from its newest checkpoint), and a measured run is not measured again.
 Training runs hold checkpoints, so they live under ``--runs`` (default ``runs/toy_ablation``,
-ignored by git); the report (markdown, JSON, curves and sample grid) goes to ``--out``.
+ignored by git); the report (markdown, JSON, curves and sample grid) goes to ``--out``. ``--set``
+picks the report (:data:`SETS`): its default variants, timing baseline, title and file names.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from senseflow.experiments.toy.ablate_plots import CURVES, _grid, _mean_over_seeds, plot_curves
 from senseflow.experiments.toy.ablate_report import markdown, summarise
-from senseflow.experiments.toy.ablate_variants import DEFAULT_VARIANTS, SAMPLER, VARIANTS
+from senseflow.experiments.toy.ablate_variants import DEFAULT_SET, SAMPLER, SETS, VARIANTS
 from senseflow.families.toy.folder import resolve_teacher_folder
 from senseflow.jsonfile import write_json
 from senseflow.metrics.weights import sha256_file
@@ -216,6 +217,9 @@ def run_ablation(args: argparse.Namespace) -> Path:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    vset = SETS[args.set]
+    if args.variants is None:
+        args.variants = list(vset.variants)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
@@ -268,13 +272,18 @@ def run_ablation(args: argparse.Namespace) -> Path:
         curves[v] = {key: _mean_over_seeds([c[key] for c in per_seed]) for key, _ in CURVES}
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / "toy_ablation"
-    curves_png = plot_curves(
-        curves, {v: VARIANTS[v].label for v in curves}, stem.with_name("toy_ablation_curves.png")
-    )
-    grid_png = _grid(grid_rows, stem.with_name("toy_ablation_samples.png")) if len(picks) else None
+    stem = out / vset.stem
+    curves_png = grid_png = None
+    if not args.no_figures:
+        labels = {v: VARIANTS[v].label for v in curves}
+        curves_png = plot_curves(curves, labels, stem.with_name(f"{vset.stem}_curves.png"))
+        if len(picks):
+            grid_png = _grid(grid_rows, stem.with_name(f"{vset.stem}_samples.png"))
     payload = {
         "command": command_line(args),
+        "set": args.set,
+        "title": vset.title,
+        "baseline": vset.baseline,
         "recipe": str(recipe),
         "teacher": str(teacher_folder) if teacher_folder else "shipped toy teacher",
         "teacher_sha256": _teacher_sha256(teacher_folder),
@@ -288,7 +297,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "variants": list(args.variants),
         "variant_overrides": {v: list(VARIANTS[v].overrides) for v in args.variants},
         "run_overrides": list(RUN_OVERRIDES),
-        "summary": summarise(records, list(args.variants)),
+        "summary": summarise(records, list(args.variants), vset.baseline),
         "reference": ref_rows,
         "runs": records,
         "json": stem.with_suffix(".json").name,
@@ -296,13 +305,16 @@ def run_ablation(args: argparse.Namespace) -> Path:
     }
     write_json(stem.with_suffix(".json"), payload)
     md = stem.with_suffix(".md")
-    md.write_text(markdown(payload, curves_png.name, grid_png.name if grid_png else None))
+    md.write_text(markdown(payload, curves_png and curves_png.name, grid_png and grid_png.name))
     print(f"ablation written to {md}", flush=True)
     return md
 
 
 def command_line(args: argparse.Namespace) -> str:
-    parts = ["senseflow", "toy", "ablate", "--seeds", *map(str, args.seeds), "--variants", *args.variants]
+    parts = ["senseflow", "toy", "ablate"]
+    if args.set != DEFAULT_SET:
+        parts += ["--set", args.set]
+    parts += ["--seeds", *map(str, args.seeds), "--variants", *args.variants]
     for flag, value in (
         ("--config", args.config),
         ("--teacher", args.teacher),
@@ -315,6 +327,8 @@ def command_line(args: argparse.Namespace) -> str:
     ):
         if value is not None:
             parts += [flag, str(value)]
+    if args.no_figures:
+        parts.append("--no-figures")
     return shlex.join(parts)
 
 
@@ -324,12 +338,18 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ablate", help="vanilla DMD2 vs +IDA, +ISG, full: train, measure, report")
+    p.add_argument(
+        "--set",
+        choices=list(SETS),
+        default=DEFAULT_SET,
+        help=f"which report: its default variants, timing baseline and file names (default {DEFAULT_SET})",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument(
         "--variants",
         nargs="+",
-        default=list(DEFAULT_VARIANTS),
-        help=f"variants to run (default {' '.join(DEFAULT_VARIANTS)}; known: {', '.join(VARIANTS)})",
+        help=f"variants to run (default: the set's, {' '.join(SETS[DEFAULT_SET].variants)} for "
+        f"{DEFAULT_SET}; known: {', '.join(VARIANTS)})",
     )
     p.add_argument("--config", help="distillation recipe (default configs/toy/distill.yaml)")
     p.add_argument("--teacher", help="teacher folder (default: the recipe's, i.e. the shipped teacher)")
@@ -340,7 +360,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the measured prompt set")
     p.add_argument("--runs", default="runs/toy_ablation", help="training runs and the reference cache")
-    p.add_argument("--out", default="docs/results", help="folder of toy_ablation.md/.json and the PNGs")
+    p.add_argument("--out", default="docs/results", help="folder of the report (<stem>.md/.json, PNGs)")
+    p.add_argument("--no-figures", action="store_true", help="markdown and JSON only, no PNGs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)

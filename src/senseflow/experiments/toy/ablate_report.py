@@ -6,7 +6,7 @@ import textwrap
 
 import numpy as np
 
-from senseflow.experiments.toy.ablate_variants import BASELINE, SAMPLER, VARIANTS
+from senseflow.experiments.toy.ablate_variants import BASELINE, DEFAULT_SET, SAMPLER, SETS, VARIANTS
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -23,7 +23,7 @@ def _fmt(mean: float | None, std: float | None, scale: float = 1.0, digits: int 
     return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
 
 
-def summarise(records: list[dict], variants: list[str]) -> dict[str, dict]:
+def summarise(records: list[dict], variants: list[str], baseline: str = BASELINE) -> dict[str, dict]:
     out = {}
     for v in variants:
         rs = [r for r in records if r["variant"] == v]
@@ -37,10 +37,10 @@ def summarise(records: list[dict], variants: list[str]) -> dict[str, dict]:
         out[v] = {k: {"mean": m, "std": s} for k, (m, s) in stats.items()} | {
             "seeds": [r["seed"] for r in rs]
         }
-    base = out.get(BASELINE, {}).get("seconds_per_iteration", {}).get("mean")
+    base = out.get(baseline, {}).get("seconds_per_iteration", {}).get("mean")
     for v in variants:
         mine = out[v]["seconds_per_iteration"]["mean"]
-        out[v]["time_vs_vanilla"] = mine / base if mine is not None and base else None
+        out[v]["time_vs_baseline"] = mine / base if mine is not None and base else None
     return out
 
 
@@ -49,17 +49,39 @@ def _sha_note(payload: dict) -> str:
     return f" (transformer sha256 `{sha[:16]}`)" if sha else ""
 
 
-def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
+def _per_seed(payload: dict) -> list[str]:
+    """One row per run: every number the summary's means and stds are taken over."""
+    lines = [
+        "| variant | seed | FID-T ↓ | FID vs renders ↓ | accuracy, all (%) | held-out (%) | s / iteration |"
+        "\n|" + "---|" * 7
+    ]
+    for r in payload["runs"]:
+        acc, spi = r["accuracy"], r["timing"]["seconds_per_iteration"]
+        cells = [
+            VARIANTS[r["variant"]].label,
+            str(r["seed"]),
+            f"{r['fid']['teacher']:.2f}",
+            f"{r['fid']['renders']:.2f}",
+            f"{100 * acc['all']['overall']['all']:.1f}",
+            f"{100 * acc['heldout']['overall']['all']:.1f}",
+            "–" if spi is None else f"{spi:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(payload: dict, curves_png: str | None, grid_png: str | None) -> str:
     s, ref = payload["summary"], payload["reference"]
+    baseline = payload.get("baseline", BASELINE)
     head = (
         "| variant | overrides | FID-T ↓ | FID vs renders ↓ | accuracy, all (%) | held-out (%) "
-        "| s / iteration | time vs vanilla |\n|" + "---|" * 8
+        f"| s / iteration | time vs {baseline} |\n|" + "---|" * 8
     )
     lines = [head]
     for v in payload["variants"]:
         r = s[v]
         overrides = ", ".join(f"`{o}`" for o in VARIANTS[v].overrides) or "(the recipe)"
-        ratio = r["time_vs_vanilla"]
+        ratio = r["time_vs_baseline"]
         cells = [
             VARIANTS[v].label,
             overrides,
@@ -95,23 +117,30 @@ def markdown(payload: dict, curves_png: str, grid_png: str | None) -> str:
         "the teacher with other seeds, below. Accuracy is the rule-based evaluator's compositional "
         "accuracy (`senseflow.metrics.shapes.evaluator`). Seconds per iteration are the wall time of "
         "`Distiller.run` divided by the iterations it trained (this machine, runs one after another: "
-        "other load on the machine shows up here); the last column divides them by vanilla DMD2's.",
+        "other load on the machine shows up here); the last column divides them by "
+        f"{VARIANTS[baseline].label}'s.",
         width=100,
     )
-    return f"""# Toy ablation: vanilla DMD2, IDA, ISG and the full SenseFlow recipe
+    curves = ""
+    if curves_png:
+        curves = (
+            f"\nTraining curves (mean over seeds, moving average): `{curves_png}`\n\n"
+            f"![curves]({curves_png})\n"
+        )
+    return f"""# Toy ablation: {payload.get("title", SETS[DEFAULT_SET].title)}
 
 {intro}
 
 {chr(10).join(lines)}
 
+Per seed:
+
+{chr(10).join(_per_seed(payload))}
+
 Teacher baselines on the same prompts:
 
 {chr(10).join(ref_lines)}
-
-Training curves (mean over seeds, moving average): `{curves_png}`
-
-![curves]({curves_png})
-{grid}
+{curves}{grid}
 Raw numbers of every run: `{payload["json"]}`. Reproduce (resumable: finished runs are skipped):
 
 ```
