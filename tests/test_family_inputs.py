@@ -10,7 +10,8 @@ from senseflow.cli import main
 from senseflow.families.tiny import write_tiny_teacher
 from senseflow.models import build_adapter
 from senseflow.models.build import build_networks
-from senseflow.models.text_cache import TextCache, write_text_cache
+from senseflow.models.text_cache import TextCache
+from senseflow.models.text_cache_write import write_text_cache
 from senseflow.train.trainer import Distiller
 from tests.data_helpers import data_overrides, write_dataset
 from tests.family_helpers import RECIPES, SMALL, family_cfg, write_image_dataset

@@ -16,7 +16,8 @@ import senseflow.config.registry as registry
 from senseflow.cli import main
 from senseflow.data import DataWarning, verify_latent_cache
 from senseflow.data.latents import MANIFEST
-from senseflow.models.text_cache import TextCache, write_tensor_group
+from senseflow.models.text_cache import TextCache
+from senseflow.models.text_cache_write import write_tensor_group
 from senseflow.train.data import build_stream, stream_identity
 from tests.data_helpers import (
     RECIPE,

@@ -10,15 +10,10 @@ import torch
 from senseflow.cli import main
 from senseflow.families.toy.adapter import ToyAdapter
 from senseflow.models import build_adapter
-from senseflow.models import text_cache as tc
+from senseflow.models import text_cache_write as tc
 from senseflow.models.sampling import teacher_sample
-from senseflow.models.text_cache import (
-    PromptNotCachedError,
-    StaleTextCacheError,
-    TextCache,
-    write_tensor_group,
-    write_text_cache,
-)
+from senseflow.models.text_cache import PromptNotCachedError, StaleTextCacheError, TextCache
+from senseflow.models.text_cache_write import write_tensor_group, write_text_cache
 from tests.trainer_helpers import RECIPE, toy_cfg
 
 PROMPTS = [

@@ -166,7 +166,8 @@ def test_another_backbone_size_works_unchanged(tmp_path, folders):
 
 
 def test_conditioning_reads_the_text_cache_group(folders, tmp_path):
-    from senseflow.models.text_cache import TextCache, write_tensor_group
+    from senseflow.models.text_cache import TextCache
+    from senseflow.models.text_cache_write import write_tensor_group
 
     disc = build_vfm(_gan(folders), None, None)
     prompts = ["a red cat", "a blue dog", ""]

@@ -8,21 +8,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from senseflow.data.index import read_prompt_list
 from senseflow.metrics.image_io import quantise
 from senseflow.student import Student
 from senseflow.viz import image_grid, save_image
 
 GRID_COLUMNS = 8
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: no such file {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts: {path} holds no prompt (one per line expected)")
-    return prompts
 
 
 def generate(student: Student, prompts: list[str], seed: int, sampler: str, out_dir: Path) -> Path:
@@ -41,7 +32,7 @@ def generate(student: Student, prompts: list[str], seed: int, sampler: str, out_
 def cmd_generate(args: argparse.Namespace) -> None:
     prompts = list(args.prompt or [])
     if args.prompts:
-        prompts += read_prompt_file(args.prompts)
+        prompts += read_prompt_list(Path(args.prompts), "--prompts")
     if not prompts:
         raise ValueError("give --prompt (repeatable) or --prompts FILE")
     student = Student.from_run(args.run, args.checkpoint, device=args.device)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from senseflow.config import load_config
 from senseflow.config.registry import family_spec
 from senseflow.core.sampling import seeded_noise
+from senseflow.data.index import read_prompt_list
 from senseflow.devices import resolve_device, to_dtype
-from senseflow.generate import read_prompt_file
 from senseflow.models import FamilyAdapter, build_adapter
 from senseflow.models.build import build_roles
 from senseflow.models.sampling import scheduler_sample
@@ -86,7 +86,7 @@ def teacher_sample(
 
 
 def cmd_teacher_sample(args: argparse.Namespace) -> None:
-    prompts = read_prompt_file(args.prompts)
+    prompts = read_prompt_list(Path(args.prompts), "--prompts")
     latents = None
     if args.latents:
         stored = load_file(args.latents)

@@ -231,23 +231,30 @@ def folder_index(path: str | None) -> FileIndex:
     return FileIndex("folder", root, root, images, images, prompts)
 
 
-def prompt_list(path: str | None) -> tuple[Path, list[str]]:
-    """The ``prompts`` kind's list: a ``.txt`` (one prompt per non-blank line) or a ``.json`` list
-    of strings (or an object with a ``prompts`` list, as in the official format)."""
-    source = require_path(path, "prompts")
-    if source.suffix.lower() == ".json":
+def read_prompt_list(source: Path, field: str) -> list[str]:
+    """Prompts from a file: a ``.json`` list of strings (or an object with a ``prompts`` list, as in
+    the official format), else one prompt per non-blank line. Errors name ``field``."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{field}: no such file {source}")
+    text = source.read_text(encoding="utf-8-sig")
+    if source.suffix.lower() == ".json" or text.lstrip().startswith("["):
         try:
-            data = json.loads(source.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"data.path: {source} is not readable JSON ({exc})") from None
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{field}: {source} is not readable JSON ({exc})") from None
         if isinstance(data, dict):
             data = data.get("prompts")
         if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise ValueError(f"data.path: {source} must hold a list of prompts (or an object with one)")
+            raise ValueError(f"{field}: {source} must hold a list of prompts (or an object with one)")
         prompts = data
     else:
-        prompts = [line.strip() for line in source.read_text(encoding="utf-8-sig").splitlines()]
-        prompts = [p for p in prompts if p]
+        prompts = [p for p in (line.strip() for line in text.splitlines()) if p]
     if not prompts:
-        raise ValueError(f"data.path: {source} holds no prompt (data kind 'prompts')")
-    return source, prompts
+        raise ValueError(f"{field}: {source} holds no prompt")
+    return prompts
+
+
+def prompt_list(path: str | None) -> tuple[Path, list[str]]:
+    """The ``prompts`` kind's list (see :func:`read_prompt_list`)."""
+    source = require_path(path, "prompts")
+    return source, read_prompt_list(source, "data.path")

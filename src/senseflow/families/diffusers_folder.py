@@ -13,7 +13,6 @@ scheduler for the teacher's sampler, and the identities caches are keyed by.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from senseflow.models.adapter import FamilyAdapter, Role
 from senseflow.models.build import safetensors_files
-from senseflow.models.hub import resolve_pretrained, safetensors_fingerprint
+from senseflow.models.hub import file_sha256, resolve_pretrained, safetensors_fingerprint
 
 MODEL_INDEX = "model_index.json"
 # Files a diffusers pipeline needs from the hub: the index, every component's configs, tokenizer
@@ -59,10 +58,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class TeacherFolder:
@@ -130,7 +125,7 @@ class TeacherFolder:
                 out[path.name] = safetensors_fingerprint(path)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             if path.suffix in (".json", ".txt", ".model") and not path.name.endswith(".index.json"):
-                out[str(path.relative_to(folder))] = _file_hash(path)
+                out[str(path.relative_to(folder))] = file_sha256(path)
         return out
 
 

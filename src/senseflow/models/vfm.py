@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from senseflow.config.method import GANConfig
 from senseflow.models.batch import Conditioning
-from senseflow.models.hub import resolve_pretrained, safetensors_fingerprint
+from senseflow.models.hub import file_sha256, resolve_pretrained, safetensors_fingerprint
 
 TEXT_GROUP = "vfm"  # the text cache group of D's text embedding
 TEXT_KEY = f"{TEXT_GROUP}.text"
@@ -228,8 +228,6 @@ class CLIPTextEmbedder:
 
     def identity(self) -> dict[str, Any]:
         """Configs and tokenizer files by content, weights by their cheap fingerprint."""
-        from senseflow.models.text_cache import file_sha256
-
         out = {}
         for path in sorted(p for p in self.folder.iterdir() if p.is_file()):
             if path.suffix == ".safetensors":

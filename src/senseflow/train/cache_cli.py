@@ -8,7 +8,6 @@ reads its encodings from the folder and never loads the text encoders.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,17 +15,7 @@ from tqdm.auto import tqdm
 
 from senseflow.config import load_config
 from senseflow.config.schema import DistillConfig
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a file: a JSON list of strings, or one prompt per line (blank lines skipped)."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        data = json.loads(text)
-        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
-            raise ValueError(f"--prompts {path}: a JSON prompt file must hold a list of strings")
-        return data
-    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+from senseflow.data.index import read_prompt_list
 
 
 def dataset_prompts(cfg: DistillConfig, world: int = 1, progress: bool = True) -> list[str]:
@@ -64,7 +53,7 @@ def _distinct(prompts: Iterable[str]) -> list[str]:
 def cmd_cache_text(args: argparse.Namespace) -> None:
     from senseflow.devices import resolve_device
     from senseflow.models import build_adapter
-    from senseflow.models.text_cache import write_text_cache
+    from senseflow.models.text_cache_write import write_text_cache
 
     if args.world < 1:
         raise ValueError("cache-text: --world must be at least 1")
@@ -82,7 +71,7 @@ def cmd_cache_text(args: argparse.Namespace) -> None:
         prompts += dataset_prompts(cfg, world=args.world, progress=not args.quiet)
     prompts += list(cfg.logging.sample_prompts)
     for path in args.prompts or []:
-        prompts += read_prompt_file(path)
+        prompts += read_prompt_list(Path(path), "--prompts")
     prompts = _distinct(prompts)
 
     device = resolve_device(args.device, "--device") if args.device else resolve_device(cfg.parallel.device)
@@ -108,7 +97,7 @@ def write_discriminator_text(cfg: DistillConfig, prompts: list[str], out: Path, 
     """The discriminator's own text embeddings (the VFM's CLIP features), as a group of the same cache,
     when the recipe's discriminator has a text encoder: training then holds no text tower at all."""
     from senseflow.config.registry import discriminator_spec, resolve_builder
-    from senseflow.models.text_cache import write_tensor_group
+    from senseflow.models.text_cache_write import write_tensor_group
 
     spec = discriminator_spec(cfg.method.gan.type)
     if spec is None or spec.text_encoder is None:
