@@ -50,6 +50,10 @@ class Parameterisation(ABC):
     def training_target(self, x0: Tensor, eps: Tensor, level: Tensor) -> Tensor:
         """What the network regresses at ``add_noise(x0, eps, level)`` (flow v = ε − x0; DDPM ε or v)."""
 
+    def level_from_timestep(self, t: Tensor) -> Tensor:
+        """A diffusers scheduler's timestep in this convention (σ = t / T for flows; t for DDPM)."""
+        return torch.as_tensor(t)
+
     @abstractmethod
     def model_timestep(self, level: Tensor) -> Tensor:
         """The timestep value fed to the network."""
@@ -148,6 +152,9 @@ class FlowParameterisation(Parameterisation):
 
     def model_timestep(self, level: Tensor) -> Tensor:
         return self.schedule.model_timestep(level)
+
+    def level_from_timestep(self, t: Tensor) -> Tensor:
+        return torch.as_tensor(t) / self.schedule.num_train_timesteps
 
     def sigma(self, level: Tensor) -> Tensor:
         return torch.as_tensor(level)

@@ -166,7 +166,7 @@ class FamilyAdapter(ABC):
 
     def level_of_timestep(self, t: Tensor) -> Tensor:
         """A scheduler timestep in this family's level convention (σ = t / T for flows)."""
-        return t
+        return self.param.level_from_timestep(t)
 
     # ------------------------------------------------------------------ codec
 

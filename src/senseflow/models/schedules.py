@@ -39,6 +39,19 @@ def read_scheduler_config(folder: str | Path, subfolder: str = "scheduler") -> d
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
+def dynamic_shift_mu(config: dict[str, Any], image_seq_len: int, max_shift: float = 1.15) -> float:
+    """μ of a dynamically shifting ``FlowMatchEulerDiscreteScheduler`` for ``image_seq_len`` tokens, from
+    the config's base/max sequence lengths and shifts (``max_shift``: the pipeline's fallback, 1.15 in
+    FLUX's, 1.16 in SD3's)."""
+    return flux_mu(
+        image_seq_len,
+        base_seq_len=int(config.get("base_image_seq_len", 256)),
+        max_seq_len=int(config.get("max_image_seq_len", 4096)),
+        base_shift=float(config.get("base_shift", 0.5)),
+        max_shift=float(config.get("max_shift", max_shift)),
+    )
+
+
 def flow_schedule_from_config(
     config: dict[str, Any], image_seq_len: int | None = None, timestep_scale: float = 1000.0
 ) -> FlowSchedule:
@@ -53,13 +66,7 @@ def flow_schedule_from_config(
     if config.get("use_dynamic_shifting", False):
         if image_seq_len is None:
             raise ValueError("the scheduler uses dynamic shifting: its μ needs the number of image tokens")
-        mu = flux_mu(
-            image_seq_len,
-            base_seq_len=int(config.get("base_image_seq_len", 256)),
-            max_seq_len=int(config.get("max_image_seq_len", 4096)),
-            base_shift=float(config.get("base_shift", 0.5)),
-            max_shift=float(config.get("max_shift", 1.15)),
-        )
+        mu = dynamic_shift_mu(config, image_seq_len)
         return FlowSchedule(num_train_timesteps=T, mu=mu, timestep_scale=timestep_scale)
     return FlowSchedule(
         num_train_timesteps=T, shift=float(config.get("shift", 1.0)), timestep_scale=timestep_scale
@@ -99,6 +106,14 @@ def anchors_from_recipe(cfg: AnchorsConfig, schedule: FlowSchedule | DDPMSchedul
     if cfg.units == "index":
         return flow_anchors_from_indices([int(v) for v in cfg.values], schedule)
     raise ValueError(f"model.anchors.units {cfg.units!r} is not a flow unit (t, sigma or index)")
+
+
+def parameterisation_and_anchors(
+    schedule: FlowSchedule | DDPMSchedule, anchors: AnchorsConfig | None
+) -> tuple[Parameterisation, Anchors | None]:
+    """An adapter's parameterisation and its student's anchors (None without ``model.anchors``)."""
+    param = parameterisation_for(schedule, anchors)
+    return param, None if anchors is None else anchors_from_recipe(anchors, schedule)
 
 
 def parameterisation_for(

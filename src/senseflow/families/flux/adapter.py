@@ -24,12 +24,15 @@ from torch import Tensor, nn
 
 from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
-from senseflow.core.flow import flux_mu
 from senseflow.devices import to_dtype
 from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
 from senseflow.models.adapter import Role
 from senseflow.models.batch import Conditioning
-from senseflow.models.schedules import anchors_from_recipe, flow_schedule_from_config, parameterisation_for
+from senseflow.models.schedules import (
+    dynamic_shift_mu,
+    flow_schedule_from_config,
+    parameterisation_and_anchors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,7 @@ class FluxAdapter(DiffusersAdapter):
         self.scheduler_config = folder.config("scheduler")
         side = resolution // self.vae_scale_factor // 2
         self.schedule = flow_schedule_from_config(self.scheduler_config, side * side, timestep_scale=1.0)
-        self.param = parameterisation_for(self.schedule, anchors)
-        self.anchors = None if anchors is None else anchors_from_recipe(anchors, self.schedule)
+        self.param, self.anchors = parameterisation_and_anchors(self.schedule, anchors)
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
         self.dropped_keys: list[str] = []
 
@@ -168,19 +170,9 @@ class FluxAdapter(DiffusersAdapter):
 
     def timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
         cfg = self.scheduler_config
-        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-        mu = flux_mu(
-            seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
+        mu = dynamic_shift_mu(cfg, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
         sigmas = None if cfg.get("use_flow_sigmas", False) else self._pipeline_t(steps)
         return {"sigmas": sigmas, "mu": mu}
-
-    def level_of_timestep(self, t: Tensor) -> Tensor:
-        return t / self.schedule.num_train_timesteps
 
 
 def build_flux_adapter(cfg: DistillConfig) -> FluxAdapter:

@@ -18,13 +18,17 @@ from torch import Tensor, nn
 
 from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
-from senseflow.core.flow import flux_mu
 from senseflow.devices import to_dtype
 from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
 from senseflow.models.batch import Conditioning
-from senseflow.models.schedules import anchors_from_recipe, flow_schedule_from_config, parameterisation_for
+from senseflow.models.schedules import (
+    dynamic_shift_mu,
+    flow_schedule_from_config,
+    parameterisation_and_anchors,
+)
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
+SD3_MAX_SHIFT = 1.16  # the SD3 pipeline's fallback max_shift for dynamic shifting
 CLIP_MAX_LENGTH = 77  # the pipeline's fallback when the folder has no first tokenizer
 
 
@@ -52,8 +56,7 @@ class SD3Adapter(DiffusersAdapter):
         self.scheduler_config = folder.config("scheduler")
         side = resolution // self.vae_scale_factor // self.patch_size
         self.schedule = flow_schedule_from_config(self.scheduler_config, side * side, timestep_scale=1000.0)
-        self.param = parameterisation_for(self.schedule, anchors)
-        self.anchors = None if anchors is None else anchors_from_recipe(anchors, self.schedule)
+        self.param, self.anchors = parameterisation_and_anchors(self.schedule, anchors)
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
         self.zero_uncond = uncond == "zeros"
 
@@ -116,17 +119,8 @@ class SD3Adapter(DiffusersAdapter):
         if not cfg.get("use_dynamic_shifting", False):
             return {}
         seq_len = (latent_shape[-2] // self.patch_size) * (latent_shape[-1] // self.patch_size)
-        mu = flux_mu(
-            seq_len,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.16),  # the SD3 pipeline's fallback
-        )
+        mu = dynamic_shift_mu(cfg, seq_len, max_shift=SD3_MAX_SHIFT)
         return {"mu": mu}
-
-    def level_of_timestep(self, t: Tensor) -> Tensor:
-        return t / self.schedule.num_train_timesteps
 
 
 def build_sd3_adapter(cfg: DistillConfig) -> SD3Adapter:

@@ -21,7 +21,7 @@ from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
 from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
 from senseflow.models.batch import Conditioning
-from senseflow.models.schedules import anchors_from_recipe, load_ddpm_schedule, parameterisation_for
+from senseflow.models.schedules import load_ddpm_schedule, parameterisation_and_anchors
 
 
 class SDXLAdapter(DiffusersAdapter):
@@ -40,8 +40,7 @@ class SDXLAdapter(DiffusersAdapter):
     ):
         super().__init__(folder, text_dtype)
         self.schedule = load_ddpm_schedule(folder.path)
-        self.param = parameterisation_for(self.schedule, anchors)
-        self.anchors = None if anchors is None else anchors_from_recipe(anchors, self.schedule)
+        self.param, self.anchors = parameterisation_and_anchors(self.schedule, anchors)
         folder_zeros = bool(folder.pipeline_flag("force_zeros_for_empty_prompt", True))
         self.zero_uncond = uncond == "zeros" or (uncond == "folder" and folder_zeros)
 

@@ -22,7 +22,7 @@ from senseflow.families.toy.text import PromptEncoder
 from senseflow.models.adapter import FamilyAdapter, Role
 from senseflow.models.batch import Conditioning
 from senseflow.models.build import safetensors_files
-from senseflow.models.schedules import anchors_from_recipe, load_flow_schedule, parameterisation_for
+from senseflow.models.schedules import load_flow_schedule, parameterisation_and_anchors
 from senseflow.models.text_cache import files_identity
 
 
@@ -37,8 +37,7 @@ class ToyAdapter(FamilyAdapter):
     ):
         self.folder = resolve_teacher_folder(teacher, what="model.teacher:")
         self.schedule = load_flow_schedule(self.folder)
-        self.param = parameterisation_for(self.schedule, anchors)
-        self.anchors = None if anchors is None else anchors_from_recipe(anchors, self.schedule)
+        self.param, self.anchors = parameterisation_and_anchors(self.schedule, anchors)
         self.cfg_convention = cfg_convention
         self._encoder: PromptEncoder | None = None  # loaded on first use; a text-cache run never loads it
         self._device = None
