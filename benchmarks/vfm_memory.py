@@ -77,7 +77,7 @@ def activations_gib(size: str, side: int, checkpointing: bool) -> float:
 def measure_case(size: str, side: int) -> float:
     """Peak resident GiB of one forward + backward (batch 2) beyond the built discriminator."""
     from senseflow.config.method import GANConfig
-    from senseflow.families.tiny import write_tiny_clip
+    from senseflow.families.tiny_vfm import write_tiny_clip
     from senseflow.models.vfm import build_vfm
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from senseflow.config.method import GANConfig
-from senseflow.families.tiny import write_tiny_clip, write_tiny_dinov2
+from senseflow.families.tiny_vfm import write_tiny_clip, write_tiny_dinov2
 from senseflow.models.batch import Conditioning
 from senseflow.models.vfm import (
     REFERENCE_KEY,

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from senseflow.cli import main
-from senseflow.families.tiny import write_tiny_clip, write_tiny_dinov2
+from senseflow.families.tiny_vfm import write_tiny_clip, write_tiny_dinov2
 from senseflow.train.trainer import Distiller
 from tests.family_helpers import family_cfg, write_image_dataset
 from tests.trainer_helpers import straight_and_resumed, toy_cfg
