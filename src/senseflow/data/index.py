@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def digest(parts: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-class SampleIndex:
+class SampleIndex(ABC):
     """The samples of a dataset. Subclasses fill ``ids`` and implement ``prompt``, ``read`` and
     ``where``; ``fingerprint`` hashes what decides the samples."""
 
@@ -63,19 +64,19 @@ class SampleIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def prompt(self, i: int) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def prompt(self, i: int) -> str: ...
 
+    @abstractmethod
     def read(self, i: int) -> bytes | str:
         """The image of sample ``i``: its bytes, or its file path."""
-        raise NotImplementedError
 
     def where(self, i: int) -> str:
         """The file (or shard and member) of sample ``i``, for messages."""
         return self.ids[i]
 
-    def fingerprint(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def fingerprint(self) -> str: ...
 
     def image_of(self, i: int) -> str:
         """Where sample ``i``'s image is, as a comparable name (two samples with the same one share

@@ -51,6 +51,11 @@ class Discriminator(Protocol):
       loss plus D's loss, both optimisers step), computed inside ``fake_in_graph()``;
     * ``trainable_parameters()``: what D's optimizer holds (a frozen backbone is never in it);
     * ``forward`` returns logits ``[B, ...]`` (averaged per sample by the losses).
+
+    Two optional members: ``conditioning(prompts, cond, real_pixels)`` gives D's own condition for a
+    batch (the VFM's text embedding and reference image; without it D gets the networks'
+    conditioning), and ``separate_calls = True`` asks the step to pass real and fake as one batch with
+    ``groups=2`` that D judges in separate passes (per-batch statistics).
     """
 
     input_space: InputSpace
