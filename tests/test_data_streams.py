@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import senseflow.config.registry as registry
 from senseflow.config.registry import DataKindSpec, register_data_kind
 from senseflow.families.toy.data import ShapesStream, build_toy_stream
 from senseflow.models.batch import Batch
+from senseflow.train import checkpoint as ckpt
 from senseflow.train.data import BatchLoader
 from senseflow.train.trainer import Distiller
 from tests.trainer_helpers import toy_cfg
@@ -93,7 +93,7 @@ def test_cached_latents_and_conditioning_train_like_the_uncached_stream(
         out = tmp_path / kind
         cfg = toy_cfg(tiny_teacher_dir, out, "schedule.iterations=3", f"data.kind={kind}", checkpoint_every=3)
         Distiller(cfg, progress=False).run()
-        runs[kind] = load_file(str(out / "checkpoints" / "step-00000003" / "generator.safetensors"))
+        runs[kind] = ckpt.read_network(out / "checkpoints" / "step-00000003", "generator")
     for name, value in runs["toy"].items():
         torch.testing.assert_close(runs["toy_cached"][name], value, rtol=0, atol=0)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from senseflow.models import build_adapter
 from senseflow.models.build import build_networks
 from senseflow.student import Student
+from senseflow.train import checkpoint as ckpt
 from senseflow.train.trainer import Distiller
 from tests.family_helpers import RECIPES, SMALL, family_cfg, write_image_dataset
 
@@ -26,9 +26,7 @@ FULL = ["method.ida.enabled=true", "method.ida.lam=0.97", "method.backward_sim_p
 
 def _weights(run: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
     folder = run / "checkpoints" / f"step-{step:08d}"
-    return {
-        m: load_file(str(folder / f"{m}.safetensors")) for m in ("generator", "fake_score", "discriminator")
-    }
+    return {m: ckpt.read_network(folder, m) for m in ("generator", "fake_score", "discriminator")}
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,7 @@ def test_a_planned_discriminator_is_refused_before_any_weight_is_read(
 
     read = []
     monkeypatch.setattr(build, "read_weights", lambda files: read.append(files) or {})
+    monkeypatch.setattr(build, "TeacherWeights", lambda files: read.append(files))
     monkeypatch.setattr(registry, "_DISCRIMINATORS", dict(registry._DISCRIMINATORS))
     registry.register_discriminator("planned_disc")  # a name without a builder
     cfg = _toy(f"model.teacher={tiny_teacher_dir}", f"output_dir={tmp_path}", "method.gan.type=planned_disc")

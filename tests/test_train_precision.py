@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from senseflow.config import ConfigError
 from senseflow.devices import resolve_device
 from senseflow.student import Student
+from senseflow.train import checkpoint as ckpt
 from senseflow.train.trainer import Distiller
 from tests.trainer_helpers import straight_and_resumed, toy_cfg
 
@@ -70,8 +70,8 @@ def test_bf16_weights_train_resume_bit_exact_and_sample(tiny_teacher_dir, tmp_pa
     straight, split, resumed = straight_and_resumed(tiny_teacher_dir, tmp_path, 4, *bf16, checkpoint_every=2)
     assert {p.dtype for p in resumed.fake_score.parameters()} == {torch.bfloat16}
     for module in ("generator", "fake_score"):
-        a = load_file(str(straight / "checkpoints" / "step-00000004" / f"{module}.safetensors"))
-        b = load_file(str(split / "checkpoints" / "step-00000004" / f"{module}.safetensors"))
+        a = ckpt.read_network(straight / "checkpoints" / "step-00000004", module)
+        b = ckpt.read_network(split / "checkpoints" / "step-00000004", module)
         assert {t.dtype for t in a.values()} == {torch.bfloat16}
         for key in a:
             assert torch.equal(a[key], b[key]), f"{module}.{key}"

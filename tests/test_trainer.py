@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from senseflow.train import checkpoint as ckpt
 from senseflow.train.draws import draw_step
 from senseflow.train.health import TrainingDiverged
 from senseflow.train.trainer import Distiller
 from tests.trainer_helpers import straight_and_resumed, toy_cfg
+
+WHOLE = ("checkpoint.format=safetensors",)  # whole-weight checkpoints, as earlier versions wrote
 
 
 def _cfg(teacher, out, *extra):
@@ -22,9 +23,7 @@ def _cfg(teacher, out, *extra):
 
 def _weights(run_dir, step):
     path = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
-    return {
-        m: load_file(str(path / f"{m}.safetensors")) for m in ("generator", "fake_score", "discriminator")
-    }
+    return {m: ckpt.read_network(path, m) for m in ("generator", "fake_score", "discriminator")}
 
 
 def _assert_identical(a, b):
@@ -37,8 +36,14 @@ def test_resume_is_bit_exact(tiny_teacher_dir, tmp_path):
     straight, split, resumed = straight_and_resumed(tiny_teacher_dir, tmp_path, 6)
     assert resumed.iteration == 6
     _assert_identical(_weights(straight, 6), _weights(split, 6))
-    state = torch.load(split / "checkpoints" / "step-00000006" / "state.pt", weights_only=False)
-    assert set(state["optimizers"]) == {"generator", "fake_score", "discriminator"}
+    from senseflow.train.sharded_checkpoint import DCP_DIR, saved_keys
+
+    saved = saved_keys(split / "checkpoints" / "step-00000006" / DCP_DIR)
+    assert {k.split(".")[1] for k in saved if k.startswith("optimizers.")} == {
+        "generator",
+        "fake_score",
+        "discriminator",
+    }
     assert (split / "config.yaml").is_file()
 
 
@@ -346,15 +351,15 @@ def test_checkpoints_with_index_keyed_optimiser_states_still_resume(tiny_teacher
     """Checkpoints of earlier versions hold ``optimizer.state_dict()`` (keyed by parameter index); an
     unsharded run resumes them to the same weights as one that never stopped."""
     straight = tmp_path / "straight"
-    Distiller(_cfg(tiny_teacher_dir, straight, "schedule.iterations=6"), progress=False).run()
+    Distiller(_cfg(tiny_teacher_dir, straight, "schedule.iterations=6", *WHOLE), progress=False).run()
     split = tmp_path / "split"
-    first = Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=3"), progress=False)
+    first = Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=3", *WHOLE), progress=False)
     first.run()
     state_file = split / "checkpoints" / "step-00000003" / "state.pt"
     state = torch.load(state_file, weights_only=False)
     state["optimizers"] = {k: o.state_dict() for k, o in first.optimizers.items()}
     assert isinstance(state["optimizers"]["generator"]["param_groups"][0]["params"][0], int)
     torch.save(state, state_file)
-    cfg = _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest")
+    cfg = _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest", *WHOLE)
     Distiller(cfg, progress=False).run()
     _assert_identical(_weights(straight, 6), _weights(split, 6))

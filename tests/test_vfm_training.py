@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from senseflow.cli import main
 from senseflow.families.tiny_vfm import write_tiny_clip, write_tiny_dinov2
+from senseflow.train import checkpoint as ckpt
 from senseflow.train.trainer import Distiller
 from tests.family_helpers import family_cfg, write_image_dataset
 from tests.trainer_helpers import straight_and_resumed, toy_cfg
@@ -31,9 +31,7 @@ def vfm(tmp_path_factory):
 
 def _weights(run, step):
     folder = run / "checkpoints" / f"step-{step:08d}"
-    return {
-        m: load_file(str(folder / f"{m}.safetensors")) for m in ("generator", "fake_score", "discriminator")
-    }
+    return {m: ckpt.read_network(folder, m) for m in ("generator", "fake_score", "discriminator")}
 
 
 def _identical(a, b):

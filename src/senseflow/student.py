@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from senseflow.config import load_config
@@ -51,7 +50,7 @@ class Student:
         if path is None or not (path / ckpt.META).is_file():
             raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'} (train first)")
         cfg = load_config(path / ckpt.CONFIG)
-        return cls(cfg, load_file(str(path / "generator.safetensors")), checkpoint=path, device=device)
+        return cls(cfg, ckpt.read_network(path, "generator"), checkpoint=path, device=device)
 
     @torch.no_grad()
     def sample(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
 
 from senseflow.config.common import PositiveInt, _check_existing_path, _Section
+from senseflow.config.errors import field_error
 
 __all__ = [
     "CheckpointConfig",
@@ -106,6 +107,23 @@ class PrecisionConfig(_Section):
         default="bf16", description="Dtype of the frozen real score; bf16 in the code (§1, §9)."
     )
     tf32: bool = Field(default=True, description="Allow TF32 matmuls; on in the code (§9).")
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description=(
+            "Under FSDP2, the dtype parameters are gathered in for forward and backward "
+            "(MixedPrecisionPolicy.param_dtype): bf16 halves the all-gather and the gathered copy; auto "
+            "takes autocast_dtype when that is bf16, else the storage dtype. The master weights stay in "
+            "param_dtype (project default)."
+        ),
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description=(
+            "Under FSDP2, the dtype gradients are reduced in across ranks "
+            "(MixedPrecisionPolicy.reduce_dtype); "
+            "fp32 keeps the sum exact to float32 (project default)."
+        ),
+    )
 
 
 class ParallelConfig(_Section):
@@ -125,6 +143,44 @@ class ParallelConfig(_Section):
             "version does not (the toy family has none) (§9)."
         ),
     )
+    replicate_degree: PositiveInt = Field(
+        default=1,
+        description=(
+            "With strategy fsdp: replica groups of a 2-D mesh (HSDP). 1 shards over every rank; R > 1 "
+            "replicates across R groups (typically nodes) and shards within each group of world/R ranks, so "
+            "all-gathers stay inside a node (project default)."
+        ),
+    )
+    load: Literal["sharded", "rank0"] = Field(
+        default="sharded",
+        description=(
+            "How sharded networks get the teacher's weights: sharded (each rank reads only the slices of its "
+            "own shards from the safetensors files) or rank0 (rank 0 reads everything and scatters it; "
+            "a fall-back for file systems where every rank cannot read the teacher) (project default)."
+        ),
+    )
+    cpu_offload: list[Literal["teacher", "generator", "fake_score"]] = Field(
+        default_factory=list,
+        description=(
+            "With strategy fsdp: networks whose shards (and, for trained ones, gradients and optimiser "
+            "states) live in CPU memory between uses (FSDP2's CPUOffloadPolicy); slower, frees GPU memory "
+            "(project default: none)."
+        ),
+    )
+    compile: bool = Field(
+        default=False,
+        description=(
+            "torch.compile each shard unit (block) of the three networks; same losses to tolerance, faster "
+            "on GPUs after the first iterations (project default)."
+        ),
+    )
+    timeout_minutes: PositiveFloat = Field(
+        default=30.0,
+        description=(
+            "Process-group timeout: a collective waiting longer (a rank died or hangs) ends the job with an "
+            "error instead of hanging; raise it when checkpoints take longer to write (project default)."
+        ),
+    )
     device: str = Field(
         default="auto",
         description=(
@@ -139,6 +195,15 @@ class ParallelConfig(_Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _sharding_fields(self) -> Self:
+        if self.strategy != "fsdp":
+            if self.replicate_degree != 1:
+                raise field_error("replicate_degree", "HSDP needs strategy fsdp; remove it or set fsdp")
+            if self.cpu_offload:
+                raise field_error("cpu_offload", "offloads FSDP2 shards; it needs strategy fsdp")
+        return self
 
 
 class LoggingConfig(_Section):
@@ -172,6 +237,22 @@ class CheckpointConfig(_Section):
         default=3000, description="Save every N iterations (>= 1); 3000 in the code (§9)."
     )
     keep_last: PositiveInt = Field(default=3, description="Number of most recent checkpoints kept (>= 1).")
+    format: Literal["dcp", "safetensors"] = Field(
+        default="dcp",
+        description=(
+            "dcp: torch.distributed.checkpoint, every rank writes its own shards in parallel, loadable at "
+            "any world size and strategy; safetensors: whole weights gathered and written by rank 0 (one "
+            "file per network; fine for small models). Both resume either way (project default)."
+        ),
+    )
+    async_save: bool = Field(
+        default=False,
+        description=(
+            "With format dcp: write the checkpoint in a background thread while training goes on (the "
+            "states are staged to CPU memory first; the next save waits for the previous one) "
+            "(project default)."
+        ),
+    )
     resume: str | None = Field(
         default=None,
         description=(

@@ -19,6 +19,7 @@ import torch
 from senseflow.eval.config import ModelEntry
 from senseflow.metrics.image_io import list_images, load_rgb
 from senseflow.metrics.weights import sha256_file
+from senseflow.train.checkpoint import network_sha256
 
 __all__ = ["ImageSource", "build_source", "register_source", "source_kinds"]
 
@@ -192,7 +193,6 @@ class StudentSource(ImageSource):
                 f"model {entry.name!r}: sampler must be 'renoise' or 'euler', got {self.sampler!r}"
             )
         self.student = Student.from_run(entry.path, entry.checkpoint, device=device)
-        self.weights_file = self.student.checkpoint / "generator.safetensors"
 
     def identity(self) -> dict[str, Any]:
         nfe = len(self.student.anchor_levels)
@@ -200,7 +200,7 @@ class StudentSource(ImageSource):
         return {
             "kind": "student",
             "checkpoint": str(self.student.checkpoint),
-            "checkpoint_sha256": sha256_file(self.weights_file),
+            "checkpoint_sha256": network_sha256(self.student.checkpoint, "generator"),
             "sampler": self.sampler,
             "steps": nfe,
             "nfe": nfe,

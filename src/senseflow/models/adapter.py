@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ from senseflow.core.sampling import CfgConvention, combine_guidance
 from senseflow.core.timesteps import Anchors
 from senseflow.devices import module_dtype
 from senseflow.models.batch import Batch, Conditioning
+
+V = TypeVar("V")  # a tensor, or a reference to one (see initial_weights)
 
 Role = Literal["teacher", "generator", "fake_score", "discriminator"]
 NETWORK_ROLES: tuple[Role, ...] = ("teacher", "generator", "fake_score")
@@ -65,10 +67,12 @@ class FamilyAdapter(ABC):
     def weight_files(self) -> list[Path]:
         """The teacher network's safetensors files (every role starts from them)."""
 
-    def initial_weights(self, role: Role, teacher: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The weights a role starts from, given the teacher's (the identity unless a family drops or
-        renames entries for its student). When the networks are sharded only rank 0 reads the teacher:
-        the other ranks pass an empty dict, and must get an empty dict back."""
+    def initial_weights(self, role: Role, teacher: dict[str, V]) -> dict[str, V]:
+        """Which of the teacher's entries a role starts from, under which names (the identity unless a
+        family drops or renames entries for its student). Values are tensors or references to them
+        (streamed loading passes each name's reference, and reads later), so select and rename only:
+        never compute on a value. Under ``load: rank0`` the ranks other than 0 pass an empty dict and
+        must get an empty dict back."""
         return teacher
 
     # ------------------------------------------------------------------ conditioning and calls

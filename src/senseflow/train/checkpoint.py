@@ -1,23 +1,20 @@
 """Atomic, self-contained training checkpoints.
 
-A checkpoint is a folder ``step-XXXXXXXX/`` holding one safetensors file per trainable network,
-``state.pt`` (optimiser and scheduler states, counters, RNG states, data position) and the
-resolved config. It is written under a temporary name and renamed into place only when complete,
-so a crash during a save leaves the previous checkpoint as the latest loadable one; ``meta.json``
-is written last inside the temporary folder and marks completeness.
+A checkpoint is a folder ``step-XXXXXXXX/`` holding the networks' weights and optimiser states,
+``state.pt`` (scheduler states, counters, data position) and the resolved config. It is written
+under a temporary name and renamed into place only when complete, so a crash during a save leaves
+the previous checkpoint as the latest loadable one; ``meta.json`` is written last inside the
+temporary folder and marks completeness.
 
-Weights and optimiser states are stored whole (not sharded) and keyed by parameter name, gathered
-with ``torch.distributed.checkpoint.state_dict``: the same files come from one process, DDP or FSDP2,
-and any of them can continue on any world size.
+Two formats, named in ``meta.json``: ``dcp`` (sharded, every rank writes its own part;
+:mod:`senseflow.train.sharded_checkpoint`) and ``safetensors`` (this module: one file per network,
+weights and optimiser states gathered whole by ``torch.distributed.checkpoint.state_dict`` and keyed
+by parameter name, so the same files come from one process, DDP or FSDP2). Either format resumes on
+any world size; :func:`read_network` reads one network's whole weights from either.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,24 +31,43 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
-TMP_SUFFIX = ".partial"
-META = "meta.json"
-STATE = "state.pt"
-CONFIG = "config.yaml"
+from senseflow.train.checkpoint_layout import (
+    CHECKPOINT_RE,
+    CONFIG,
+    META,
+    STATE,
+    TMP_SUFFIX,
+    checkpoint_name,
+    clean_partial,
+    commit,
+    latest_checkpoint,
+    list_checkpoints,
+    read_meta,
+    remove_tree,
+)
+from senseflow.train.sharded_checkpoint import read_network as read_dcp
 
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+__all__ = [
+    "CHECKPOINT_RE",
+    "CONFIG",
+    "META",
+    "STATE",
+    "TMP_SUFFIX",
+    "checkpoint_name",
+    "clean_partial",
+    "commit",
+    "gather_optimizer",
+    "gather_weights",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_optimizer",
+    "network_sha256",
+    "read_meta",
+    "read_network",
+    "remove_tree",
+    "save_checkpoint",
+]
 
 # Whole tensors on the CPU; under FSDP2 only rank 0 receives them (the others get empty dicts).
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -93,23 +109,6 @@ def _module_tensors(module: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
     return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root`` as (step, path), oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = CHECKPOINT_RE.match(child.name)
-        if m and (child / META).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1][1] if ckpts else None
-
-
 def save_checkpoint(
     root: Path,
     step: int,
@@ -118,56 +117,57 @@ def save_checkpoint(
     config_text: str,
     keep_last: int,
 ) -> Path:
-    """Write a complete checkpoint atomically, then prune to the newest ``keep_last``.
+    """Write a complete whole-weight checkpoint atomically, then prune to the newest ``keep_last``.
 
     ``modules`` maps a name to a module or to its (gathered) state dict.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / (final.name + TMP_SUFFIX)
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_tree(tmp)
     tmp.mkdir()
     for name, module in modules.items():
         save_file(_module_tensors(module), str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / STATE)
-    (tmp / CONFIG).write_text(config_text)
-    meta = {"step": step, "modules": sorted(modules), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (tmp / META).write_text(json.dumps(meta, indent=2))
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step: move the old one aside, then drop it
-        old = root / (final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
-    for _, path in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(path)
-    return final
+    meta = {"step": step, "modules": sorted(modules), "format": "safetensors"}
+    return commit(tmp, final, meta, state, config_text, keep_last)
+
+
+def read_network(path: Path, name: str) -> dict[str, Tensor]:
+    """Network ``name``'s whole weights from a checkpoint of either format, on the CPU, without a
+    process group (``generate``, evaluation, export)."""
+    meta = read_meta(path)
+    if meta["format"] == "dcp":
+        return read_dcp(path, name)
+    file = path / f"{name}.safetensors"
+    if not file.is_file():
+        raise ValueError(f"checkpoint {path} holds no weights for {name!r} (it holds {meta['modules']})")
+    return load_file(str(file))
+
+
+def network_sha256(path: Path, name: str) -> str:
+    """An identity of network ``name``'s weights in a checkpoint: the file's SHA-256 for the
+    safetensors format, a SHA-256 over the names, dtypes, shapes and bytes of its tensors for dcp."""
+    import hashlib
+
+    if read_meta(path)["format"] != "dcp":
+        digest = hashlib.sha256()
+        with open(path / f"{name}.safetensors", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    for key, tensor in sorted(read_network(path, name).items()):
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path, modules: Mapping[str, nn.Module]) -> dict[str, Any]:
     """Load network weights into ``modules`` (strictly) and return the saved training state."""
-    if not (path / META).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META}); choose another one")
-    meta = json.loads((path / META).read_text())
+    meta = read_meta(path)
     missing = sorted(set(modules) - set(meta["modules"]))
     if missing:
         raise ValueError(f"checkpoint {path} has no weights for {missing} (it holds {meta['modules']})")
     for name, module in modules.items():
         set_model_state_dict(module, load_file(str(path / f"{name}.safetensors")), options=_SCATTER)
     return torch.load(path / STATE, weights_only=True, map_location="cpu")  # plain data only, no code
-
-
-def clean_partial(root: Path) -> list[Path]:
-    """Remove folders left by saves that were interrupted; returns what was removed."""
-    removed = []
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.endswith((TMP_SUFFIX, ".old")):
-                shutil.rmtree(child)
-                removed.append(child)
-    return removed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -12,12 +14,14 @@ from senseflow.config import load_config
 from senseflow.devices import resolve_device
 
 
-def init_distributed(device_spec: str = "auto") -> None:
+def init_distributed(device_spec: str = "auto", timeout_minutes: float = 30.0) -> None:
     """Join the process group torchrun describes, with the backend of this rank's device (nccl for a
-    GPU, gloo for the CPU); no-op for one process."""
+    GPU, gloo for the CPU); no-op for one process. A collective that waits longer than the timeout
+    (a rank died or hangs) raises on the ranks still alive, and torchrun then ends the job."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         device = resolve_device(device_spec)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
         if device.type == "cuda":
             torch.cuda.set_device(device)
 
@@ -29,14 +33,32 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         overrides.append("checkpoint.resume=latest")
     cfg = load_config(args.recipe, overrides)
-    init_distributed(cfg.parallel.device)
+    init_distributed(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
         logs = Distiller(cfg, progress=not args.quiet).run()
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"done: {cfg.schedule.iterations} iterations in {cfg.output_dir}; last log {logs}")
+    except (dist.DistError, RuntimeError) as exc:
+        if not (dist.is_initialized() and _peer_failure(exc)):
+            raise
+        print(
+            f"senseflow: error: rank {dist.get_rank()} stopped: a collective waited longer than "
+            f"parallel.timeout_minutes ({cfg.parallel.timeout_minutes}); another rank died or hangs. "
+            f"Resume with --resume once it is fixed. ({exc})",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from exc
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether an error is a collective's timeout or a lost connection to another rank."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("timed out", "timeout", "connection closed", "connection reset")
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

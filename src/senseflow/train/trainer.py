@@ -35,9 +35,24 @@ from senseflow.train.data import BatchLoader, build_stream, stream_identity
 from senseflow.train.draws import draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
 from senseflow.train.logbook import Logbook
-from senseflow.train.parallel import device_mesh, is_sharded, shard, wrap
+from senseflow.train.parallel import device_mesh, is_sharded, shard, shard_policy, wrap
 from senseflow.train.samples import save_sample_grid
+from senseflow.train.sharded_checkpoint import ShardedCheckpointer, load_sharded
 from senseflow.train.step import NetworkCalls, SenseFlowStep
+
+
+def _check_optimizers(cfg: DistillConfig, device: torch.device) -> None:
+    """8-bit AdamW is bitsandbytes' CUDA kernel: refuse it elsewhere before anything is loaded."""
+    for field, o in (
+        ("generator", cfg.optim.generator),
+        ("fake", cfg.optim.fake),
+        ("discriminator", cfg.optim.discriminator),
+    ):
+        if o.name == "adamw8bit" and device.type != "cuda":
+            raise ValueError(
+                f"optim.{field}.name: 'adamw8bit' (bitsandbytes) runs on CUDA only and this run's device is "
+                f"{device}; use adamw"
+            )
 
 
 def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -107,11 +122,12 @@ class Distiller:
         self.run_dir = Path(cfg.output_dir)
         prec = cfg.precision
         self.device = resolve_device(cfg.parallel.device)
+        _check_optimizers(cfg, self.device)
         self.autocast_dtype = to_dtype(prec.autocast_dtype, "precision.autocast_dtype")
         set_tf32(prec.tf32)
         self.adapter = build_adapter(cfg).to(self.device)
         self.param = self.adapter.param
-        self.mesh = device_mesh(self.device, cfg.parallel.strategy)
+        self.mesh = device_mesh(self.device, cfg.parallel.strategy, cfg.parallel.replicate_degree)
         nets = self._build_networks()
         self.teacher, self.generator, self.fake_score = nets["teacher"], nets["generator"], nets["fake_score"]
         if cfg.method.ida.enabled:
@@ -156,6 +172,7 @@ class Distiller:
         self.last_losses: dict[str, float] = {}  # the newest value of each loss (progress bar)
         self.last_logs: dict[str, float] = {}
         self.iteration = 0
+        self.checkpointer: ShardedCheckpointer | None = None
 
     @property
     def levels(self) -> Tensor:
@@ -163,20 +180,28 @@ class Distiller:
         return self.step.levels
 
     def _build_networks(self) -> dict[str, torch.nn.Module]:
-        """Build on meta, shard, then load: the teacher's files are read once (by rank 0 alone when
-        the networks are sharded, which then scatters them) and start all three roles."""
-        cfg, prec = self.cfg, self.cfg.precision
-        strategy = cfg.parallel.strategy
+        """Build on meta, shard, then load: each rank reads from the teacher's files only what its
+        own (whole or sharded) networks hold, once for all three roles (``parallel.load: rank0``:
+        rank 0 reads and scatters)."""
+        prec, par = self.cfg.precision, self.cfg.parallel
+        teacher_dtype = to_dtype(prec.teacher_dtype, "precision.teacher_dtype")
+        train_dtype = to_dtype(prec.param_dtype, "precision.param_dtype")
+
+        def prepare(net, role):
+            storage = teacher_dtype if role == "teacher" else train_dtype
+            policy = shard_policy(role, storage, prec, par)
+            checkpointing = par.gradient_checkpointing
+            return shard(net, role, par.strategy, self.adapter, self.mesh, checkpointing, policy, par.compile)
+
+        sharded = is_sharded("generator", par.strategy)
         return build_roles(
             self.adapter,
             NETWORK_ROLES,
-            to_dtype(prec.teacher_dtype, "precision.teacher_dtype"),
-            to_dtype(prec.param_dtype, "precision.param_dtype"),
+            teacher_dtype,
+            train_dtype,
             self.device,
-            prepare=lambda net, role: shard(
-                net, role, strategy, self.adapter, self.mesh, cfg.parallel.gradient_checkpointing
-            ),
-            broadcast=is_sharded("generator", strategy),
+            prepare=prepare,
+            broadcast=sharded and par.load == "rank0",
         )
 
     # ------------------------------------------------------------------ networks as the step calls them
@@ -364,11 +389,9 @@ class Distiller:
         return mods
 
     def training_state(self) -> dict:
-        """Everything but the weights (a collective under FSDP2: every rank must call it)."""
-        modules = self.modules()
+        """Everything but the weights and optimiser states."""
         return {
             "iteration": self.iteration,
-            "optimizers": {k: ckpt.gather_optimizer(modules[k], o) for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
             "guard": self.guard.state_dict(),
             "world_size": self.world,
@@ -376,26 +399,51 @@ class Distiller:
         }
 
     def save(self) -> Path | None:
-        """Gather whole weights and states on every rank; rank 0 writes them."""
-        weights = {k: ckpt.gather_weights(m) for k, m in self.modules().items()}
-        state = self.training_state()
+        """Write a checkpoint (every rank calls it): sharded with DCP, or gathered whole and written
+        by rank 0 (``checkpoint.format``)."""
+        c = self.cfg.checkpoint
+        modules = self.modules()
+        if c.format == "dcp":
+            if self.checkpointer is None:
+                self.checkpointer = ShardedCheckpointer(
+                    self.run_dir / "checkpoints", c.keep_last, c.async_save
+                )
+            return self.checkpointer.save(
+                self.iteration, modules, self.optimizers, self.training_state(), dump_config(self.cfg)
+            )
+        weights = {k: ckpt.gather_weights(m) for k, m in modules.items()}
+        optimizers = {k: ckpt.gather_optimizer(modules[k], o) for k, o in self.optimizers.items()}
         path = None
         if self.rank == 0:
             path = ckpt.save_checkpoint(
                 self.run_dir / "checkpoints",
                 self.iteration,
                 weights,
-                state,
+                {**self.training_state(), "optimizers": optimizers},
                 dump_config(self.cfg),
-                self.cfg.checkpoint.keep_last,
+                c.keep_last,
             )
         if dist.is_initialized():
             dist.barrier()
         return path
 
+    def finish_saving(self) -> None:
+        """Wait for an asynchronous checkpoint write still in flight (every rank)."""
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+            if dist.is_initialized():
+                dist.barrier()
+
     def resume(self, path: Path) -> None:
+        """Continue from a checkpoint of either format, saved at any world size and strategy."""
         modules = self.modules()
-        state = ckpt.load_checkpoint(path, modules)
+        if ckpt.read_meta(path)["format"] == "dcp":
+            load_sharded(path, modules, self.optimizers)
+            state = torch.load(path / ckpt.STATE, weights_only=True, map_location="cpu")
+        else:
+            state = ckpt.load_checkpoint(path, modules)
+            for k, opt in self.optimizers.items():
+                ckpt.load_optimizer(modules[k], opt, state["optimizers"][k])
         saved = state.get("data_stream")
         if saved is None:
             warnings.warn(
@@ -409,8 +457,6 @@ class Distiller:
                 f"{self.data_identity!r}; resuming would continue on other samples (start a new run in "
                 "another output_dir)"
             )
-        for k, opt in self.optimizers.items():
-            ckpt.load_optimizer(modules[k], opt, state["optimizers"][k])
         for k, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][k])
         self.guard.load_state_dict(state["guard"])
@@ -439,6 +485,7 @@ class Distiller:
         start = time.perf_counter()
         try:
             self._loop(total, log, bar, start)
+            self.finish_saving()
         finally:
             self.data.close()
             bar.close()

@@ -26,7 +26,7 @@ from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
 from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
-from senseflow.models.adapter import Role
+from senseflow.models.adapter import Role, V
 from senseflow.models.batch import Conditioning
 from senseflow.models.schedules import (
     dynamic_shift_mu,
@@ -108,8 +108,8 @@ class FluxAdapter(DiffusersAdapter):
             config["guidance_embeds"] = False
         return cls, config
 
-    def initial_weights(self, role: Role, teacher: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The teacher's weights; for the guidance-free roles without the guidance embedder."""
+    def initial_weights(self, role: Role, teacher: dict[str, V]) -> dict[str, V]:
+        """The teacher's entries; for the guidance-free roles without the guidance embedder."""
         if role == "teacher" or not self.teacher_has_guidance:
             return teacher
         dropped = sorted(k for k in teacher if k.startswith(GUIDANCE_EMBEDDER))
