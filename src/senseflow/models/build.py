@@ -255,7 +255,8 @@ def build_roles(
         materialise(net, device, None)
     stream_weights(nets, sources, weights)
     log.info(
-        "loaded %s from %s: %.1f MiB read by this process, peak host memory %.1f MiB",
+        "rank %d loaded %s from %s: %.1f MiB read, peak host memory %.1f MiB",
+        torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
         "/".join(nets),
         where,
         weights.stats.bytes_read / 2**20,

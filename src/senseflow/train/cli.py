@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -33,6 +34,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         overrides.append("checkpoint.resume=latest")
     cfg = load_config(args.recipe, overrides)
+    # senseflow's own messages (start-up memory, dropped keys) on stderr; --quiet keeps warnings only
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("senseflow").setLevel(logging.WARNING if args.quiet else logging.INFO)
     init_distributed(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
         logs = Distiller(cfg, progress=not args.quiet).run()
