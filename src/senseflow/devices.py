@@ -54,7 +54,14 @@ def resolve_device(spec: str, field: str = "parallel.device") -> torch.device:
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
-    """Storage dtype of a module's (first floating) parameter; float32 for a module without any."""
+    """Storage dtype of a module's (first floating) parameter; float32 for a module without any. A
+    module may declare it as ``storage_dtype`` (a LoRA view: float32 adapters on a bf16 base); a DDP
+    wrapper is looked through."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        module = module.module
+    declared = getattr(module, "storage_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype

@@ -35,8 +35,18 @@ class Student:
         self.device = resolve_device(device, field="device")
         self.adapter = build_adapter(cfg, text_cache=False).to(self.device)  # any prompt, live
         dtype = to_dtype(cfg.precision.param_dtype, "precision.param_dtype")
-        generator = build_generator(self.adapter, dtype, self.device)
-        self.generator = generator.eval().requires_grad_(False)
+        if cfg.model.lora is not None:  # the teacher's weights with the generator's adapter
+            from senseflow.train.lora_mode import build_lora_roles
+
+            teacher_dtype = to_dtype(cfg.precision.teacher_dtype, "precision.teacher_dtype")
+            roles = build_lora_roles(
+                self.adapter, cfg, teacher_dtype, dtype, self.device, adapters=("generator",)
+            )
+            generator = roles["generator"]
+            generator.base.eval().requires_grad_(False)
+        else:
+            generator = build_generator(self.adapter, dtype, self.device).eval().requires_grad_(False)
+        self.generator = generator
         self.generator.load_state_dict(generator_weights, strict=True)
         self.anchor_levels = self.adapter.param.anchor_levels(self.adapter.anchors).to(self.device)
 

@@ -64,6 +64,7 @@ from senseflow.config.runtime import (
 
 __all__ = [
     "ANCHOR_UNITS",
+    "LORA_TARGET_MODULES",
     "AnchorsConfig",
     "CheckpointConfig",
     "DMDConfig",
@@ -77,6 +78,7 @@ __all__ = [
     "ISGConfig",
     "LoggingConfig",
     "LogitNormalDist",
+    "LoraConfig",
     "MethodConfig",
     "ModelConfig",
     "OptimConfig",
@@ -113,6 +115,62 @@ def unread_fields_set(section: BaseModel, reads: frozenset[str], always: frozens
 # --------------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------------
+
+
+LORA_TARGET_MODULES = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+]
+
+
+class LoraConfig(_Section):
+    """LoRA mode (project): the teacher's weights are held once, in a frozen base; the generator and
+    the fake score are two LoRA adapters on it and the teacher is the base with adapters disabled."""
+
+    rank: PositiveInt = Field(default=64, description="Rank r of both adapters (>= 1) (project default).")
+    alpha: float | None = Field(
+        default=None,
+        gt=0,
+        description="LoRA alpha; the delta is (alpha / r)·B·A. null: alpha = rank (project default).",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGET_MODULES),
+        min_length=1,
+        description=(
+            "Module names the adapters wrap, matched as peft matches them (a full name or its last parts): "
+            "the attention projections of the UNet's, SD3's and FLUX's blocks by default."
+        ),
+    )
+    init: Literal["default", "gaussian", "orthogonal"] = Field(
+        default="default",
+        description=(
+            "Adapter initialisation, B·A = 0 at the start (both roles start as the teacher): default "
+            "(peft's: A as nn.Linear, B zero), gaussian (A normal, B zero), orthogonal (even rank)."
+        ),
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout on the adapters' input.")
+    ida: Literal["products", "factors"] = Field(
+        default="products",
+        description=(
+            "IDA between the adapters: products mixes the deltas B·A exactly and re-factorises them at "
+            "rank r (truncation error logged as ida_lora_error); factors mixes A and B separately "
+            "(cheaper, not the mix of the products). docs/results/lora_ida.md measures both."
+        ),
+    )
+    student_guidance: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Teachers with a guidance input (FLUX.1-dev's embedding): the value the generator and fake score "
+            "pass, since in LoRA mode they share the teacher's guidance embedder (1: unguided) (project)."
+        ),
+    )
 
 
 class ModelConfig(_Section):
@@ -169,6 +227,13 @@ class ModelConfig(_Section):
         ),
     )
     anchors: AnchorsConfig = Field(description="Student anchor timesteps (§7).")
+    lora: LoraConfig | None = Field(
+        default=None,
+        description=(
+            "LoRA mode (rank, alpha, target_modules, init, ida): the teacher held once with two adapters; "
+            "null trains the generator and the fake score in full (project default)."
+        ),
+    )
     decode_chunk: PositiveInt = Field(
         default=8,
         description=(
@@ -372,6 +437,18 @@ class DistillConfig(_Section):
                     "data.kind",
                     f"'{self.data.kind}' does not fit family '{family}'; expected one of "
                     f"{', '.join(spec.data_kinds)}",
+                )
+        if self.model.lora is not None:
+            if self.parallel.strategy == "fsdp":
+                raise field_error(
+                    "model.lora",
+                    "LoRA mode holds the frozen base whole on every rank; use parallel.strategy none or ddp",
+                )
+            if self.method.gan.type == "dmd2_head":
+                raise field_error(
+                    "method.gan.type",
+                    "dmd2_head reads the fake score's blocks, which LoRA mode shares with the teacher and "
+                    "the generator; use another discriminator or none with model.lora",
                 )
         data_spec = data_kind_spec(self.data.kind)
         if data_spec is not None and data_spec.prompts_only:

@@ -35,6 +35,7 @@ from senseflow.train.data import BatchLoader, build_stream, stream_identity
 from senseflow.train.draws import draw_step
 from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, non_finite
 from senseflow.train.logbook import Logbook
+from senseflow.train.lora_mode import LoraIda, build_lora_roles
 from senseflow.train.parallel import device_mesh, is_sharded, shard, shard_policy, wrap
 from senseflow.train.samples import save_sample_grid
 from senseflow.train.sharded_checkpoint import ShardedCheckpointer, load_sharded
@@ -130,8 +131,7 @@ class Distiller:
         self.mesh = device_mesh(self.device, cfg.parallel.strategy, cfg.parallel.replicate_degree)
         nets = self._build_networks()
         self.teacher, self.generator, self.fake_score = nets["teacher"], nets["generator"], nets["fake_score"]
-        if cfg.method.ida.enabled:
-            check_ida_compatible(self.fake_score, self.generator)
+        self.ida = self._ida() if cfg.method.ida.enabled else None
         torch.manual_seed(cfg.seed)  # new parameters (discriminator heads) start alike on every rank and run
         self.discriminator = build_discriminator(cfg.method.gan, self.adapter, self.fake_score)
         strategy = cfg.parallel.strategy
@@ -179,6 +179,21 @@ class Distiller:
         """a_0 .. a_{K-1} and the end of the last segment (the step's)."""
         return self.step.levels
 
+    def _ida(self):
+        """IDA as one call after each generator update: between whole networks (their local shards
+        under FSDP2), or between the two adapters of LoRA mode."""
+        ida = self.cfg.method.ida
+        if self.cfg.model.lora is not None:
+            return LoraIda(self.generator, self.fake_score, self.cfg.model.lora.ida, ida.lam)
+        check_ida_compatible(self.fake_score, self.generator)
+
+        def update() -> dict[str, float]:
+            reshard(self.fake_score, self.generator)  # IDA pairs the local shards
+            ida_update_(self.fake_score, self.generator, ida.lam, ida.update_dtype)
+            return {}
+
+        return update
+
     def _build_networks(self) -> dict[str, torch.nn.Module]:
         """Build on meta, shard, then load: each rank reads from the teacher's files only what its
         own (whole or sharded) networks hold, once for all three roles (``parallel.load: rank0``:
@@ -193,6 +208,13 @@ class Distiller:
             checkpointing = par.gradient_checkpointing
             return shard(net, role, par.strategy, self.adapter, self.mesh, checkpointing, policy, par.compile)
 
+        if self.cfg.model.lora is not None:  # one base, two adapters (in the masters' dtype)
+            lora_prepare = lambda net, role: shard(  # noqa: E731
+                net, role, par.strategy, self.adapter, self.mesh, False, None, par.compile
+            )
+            return build_lora_roles(
+                self.adapter, self.cfg, teacher_dtype, train_dtype, self.device, lora_prepare
+            )
         sharded = is_sharded("generator", par.strategy)
         return build_roles(
             self.adapter,
@@ -316,11 +338,8 @@ class Distiller:
                 self.optimizers["discriminator"].zero_grad(set_to_none=True)
             if not self._non_finite({"generator": total}):
                 self.update("generator", total)
-                if cfg.method.ida.enabled:
-                    reshard(self.fake_score, self.generator)  # IDA pairs the local shards
-                    ida_update_(
-                        self.fake_score, self.generator, cfg.method.ida.lam, cfg.method.ida.update_dtype
-                    )
+                if self.ida is not None:
+                    logs.update(self.ida())
         x0 = x0.detach()
         fake = step.fake_loss(x0, d, cond)
         losses["fake_score"] = fake

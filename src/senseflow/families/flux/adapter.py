@@ -85,6 +85,9 @@ class FluxAdapter(DiffusersAdapter):
         self.param, self.anchors = parameterisation_and_anchors(self.schedule, anchors)
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
         self.dropped_keys: list[str] = []
+        # LoRA mode: the generator and fake score share the teacher's guidance embedder and pass this
+        # constant (model.lora.student_guidance); None in full fine-tuning, where they have none.
+        self.student_guidance: float | None = None
 
     @property
     def latent_channels(self) -> int:
@@ -138,6 +141,8 @@ class FluxAdapter(DiffusersAdapter):
         self, net: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning, guidance: Tensor | None = None
     ) -> Tensor:
         has_guidance = bool(getattr(net.config, "guidance_embeds", False))
+        if has_guidance and guidance is None and self.student_guidance is not None:
+            guidance = torch.full((x_t.shape[0],), self.student_guidance, device=x_t.device)
         if has_guidance and guidance is None:
             raise ValueError(
                 "this FLUX network has a guidance embedding and needs a guidance value "
@@ -177,7 +182,7 @@ class FluxAdapter(DiffusersAdapter):
 
 def build_flux_adapter(cfg: DistillConfig) -> FluxAdapter:
     """The registry's builder for ``model.family: flux``."""
-    return FluxAdapter(
+    adapter = FluxAdapter(
         TeacherFolder.from_recipe(cfg.model),
         cfg.model.anchors,
         cfg.data.resolution,
@@ -185,3 +190,6 @@ def build_flux_adapter(cfg: DistillConfig) -> FluxAdapter:
         cfg.model.uncond,
         to_dtype(cfg.precision.teacher_dtype, "precision.teacher_dtype"),
     )
+    if cfg.model.lora is not None:
+        adapter.student_guidance = cfg.model.lora.student_guidance
+    return adapter
