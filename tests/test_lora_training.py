@@ -103,6 +103,9 @@ def test_lora_mode_refuses_what_it_cannot_do(tiny_teacher_dir, tmp_path):
     cfg = toy_cfg(tiny_teacher_dir, tmp_path, *LORA, "model.lora.target_modules=[no_such_layer]")
     with pytest.raises(ValueError, match=r"match no module"):
         Distiller(cfg, progress=False)
+    cfg = toy_cfg(tiny_teacher_dir, tmp_path, "model.lora.rank=4096")
+    with pytest.raises(ValueError, match=r"model\.lora\.rank 4096 exceeds .*smaller side"):
+        Distiller(cfg, progress=False)
 
 
 def test_8bit_adamw_off_cuda_is_one_clear_error(tiny_teacher_dir, tmp_path):

@@ -15,6 +15,7 @@ from torch import nn
 
 from senseflow.config.schema import DistillConfig
 from senseflow.method import check_ida_lora_compatible, ida_lora_update_
+from senseflow.method.ida_lora import lora_module_pairs
 from senseflow.models.adapter import FamilyAdapter, Role
 from senseflow.models.build import build_roles
 from senseflow.models.lora import LoraRole, LoraSettings, attach_lora, enable_lora_gradient_checkpointing
@@ -66,6 +67,14 @@ class LoraIda:
         self.base, self.variant, self.lam = generator.base, variant, lam
         check_ida_lora_compatible(self.base, fake.adapter, generator.adapter)
         self.fake_name, self.generator_name = fake.adapter, generator.adapter
+        if variant == "products":  # the re-factorisation keeps rank r, which needs r <= min(out, in)
+            for pair in lora_module_pairs(self.base, self.fake_name, self.generator_name):
+                rank, width = pair.a_fake.shape[0], min(pair.a_fake[0].numel(), pair.b_fake.shape[0])
+                if rank > width:
+                    raise ValueError(
+                        f"model.lora.rank {rank} exceeds {pair.module}'s smaller side {width}: the products "
+                        "IDA cannot keep that rank; lower the rank or use model.lora.ida factors"
+                    )
 
     def __call__(self) -> dict[str, float]:
         """Apply one update; returns what to log (the products variant's truncation error)."""
