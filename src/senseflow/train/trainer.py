@@ -123,10 +123,10 @@ class Distiller:
         self.run_dir = Path(cfg.output_dir)
         prec = cfg.precision
         self.device = resolve_device(cfg.parallel.device)
-        _check_optimizers(cfg, self.device)
         self.autocast_dtype = to_dtype(prec.autocast_dtype, "precision.autocast_dtype")
         set_tf32(prec.tf32)
-        self.adapter = build_adapter(cfg).to(self.device)
+        self.adapter = build_adapter(cfg).to(self.device)  # a missing teacher is the first error
+        _check_optimizers(cfg, self.device)  # before any network is built
         self.param = self.adapter.param
         self.mesh = device_mesh(self.device, cfg.parallel.strategy, cfg.parallel.replicate_degree)
         nets = self._build_networks()
