@@ -1,8 +1,8 @@
 """Memory a SenseFlow run holds per GPU for each real family, computed from the published configs.
 
-Every network is built from its published config on the meta device (no memory, no download), so
-the parameter counts are exact for the diffusers and transformers classes senseflow loads. The
-per-GPU figure is what a rank keeps resident besides activations:
+Every network is built from its published config (held in ``published_folders.py``) on the meta
+device (no memory, no download), so the parameter counts are exact for the diffusers and
+transformers classes senseflow loads. The per-GPU figure is what a rank keeps resident besides activations:
 
 * teacher (frozen) in ``precision.teacher_dtype``;
 * generator and fake score in ``precision.param_dtype``, their gradients in the same dtype, and
@@ -11,7 +11,7 @@ per-GPU figure is what a rank keeps resident besides activations:
 
 FSDP2 shards the three networks (and their optimiser states) over the ranks; text encoders and the
 VAE are whole on every rank. Activations depend on resolution, batch and gradient checkpointing
-and are not counted: they need a GPU to measure.
+and are not counted here; ``senseflow plan`` (docs/scale.md) adds them.
 
     python benchmarks/family_memory.py            # prints the table docs/families.md quotes
 """
@@ -22,97 +22,16 @@ import argparse
 
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from published_folders import CLIP_G, CLIP_L, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, SDXL_UNET, T5_XXL, VAE
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 GIB = 1024**3
 
-# Published configs of the real teachers' components (the numbers of their config.json files).
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-SD35_LARGE = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=38,
-    attention_head_dim=64,
-    num_attention_heads=38,
-    joint_attention_dim=4096,
-    caption_projection_dim=2432,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-    qk_norm="rms_norm",
-)
-SD35_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=384,
-    qk_norm="rms_norm",
-    dual_attention_layers=tuple(range(13)),
-)
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-CLIP_L = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
-)
-CLIP_G = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    projection_dim=1280,
-)
-T5_XXL = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    feed_forward_proj="gated-gelu",
-)
-VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-)
-
 
 def count(build) -> int:
-    with init_empty_weights():
+    # buffers on meta too: with real buffers the T5 encoder's embedding is not tied to its shared
+    # table on meta and would be counted twice (131.6 M parameters for T5-XXL)
+    with init_empty_weights(include_buffers=True):
         model = build()
     return sum(p.numel() for p in model.parameters())
 

@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from senseflow.teacher_sample import add_parser as add_teacher_sample
     from senseflow.train.cache_cli import add_parser as add_cache_text
     from senseflow.train.cli import add_parser as add_train
+    from senseflow.train.plan import add_parser as add_plan
 
     parser = argparse.ArgumentParser(
         prog="senseflow", description="Distil text-to-image teachers into 4-step generators (SenseFlow)."
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_cache_latents(sub)
     add_cache_text(sub)
+    add_plan(sub)
     add_generate(sub)
     add_teacher_sample(sub)
     add_eval(sub)
