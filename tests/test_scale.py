@@ -270,8 +270,9 @@ def test_dcp_saved_at_two_ranks_continues_at_one_and_at_four_hsdp(tiny_teacher_d
 
 @pytest.mark.slow
 def test_cpu_offload_and_bf16_gathering_train_like_the_plain_plan(tiny_teacher_dir, tmp_path):
-    """FSDP2 with every network's shards offloaded equals the plain FSDP2 run; gathering in bf16
-    (MixedPrecisionPolicy) stays within bf16's resolution of it."""
+    """FSDP2 with every network's shards offloaded equals the plain FSDP2 run (its checkpoints
+    written asynchronously by both ranks); gathering in bf16 (MixedPrecisionPolicy) stays within
+    bf16's resolution of it."""
     common = [
         f"model.teacher={tiny_teacher_dir}",
         "logging.sample_every=null",
@@ -282,7 +283,8 @@ def test_cpu_offload_and_bf16_gathering_train_like_the_plain_plan(tiny_teacher_d
     ]
     plain, offload, bf16 = (tmp_path / n for n in ("plain", "offload", "bf16"))
     _run(*common, f"output_dir={plain}", ranks=2)
-    _run(*common, "parallel.cpu_offload=[teacher,generator,fake_score]", f"output_dir={offload}", ranks=2)
+    offloaded = ["parallel.cpu_offload=[teacher,generator,fake_score]", "checkpoint.async_save=true"]
+    _run(*common, *offloaded, f"output_dir={offload}", ranks=2)
     _run(*common, "precision.fsdp_param_dtype=bf16", f"output_dir={bf16}", ranks=2)
     _close(plain, offload, 3)
     _close(plain, bf16, 3, tol=2e-2)
