@@ -18,8 +18,8 @@ Two things a meta pass cannot know are modelled:
   makes of the inputs of normalisation layers are not (an underestimate under bf16 autocast).
 
 Passes are measured at batch 1 and 2 and extended linearly in the batch (:class:`Linear`). Against
-the CPU allocator on the tiny folders (64 and 128 px, float32; ``tests/test_plan.py``), passes with
-gradients came out 13 % under to 3 % over, passes without gradients 31 % under to exact (CPU
+the CPU allocator on the tiny folders (64 and 128 px, float32; docs/scale.md), passes with
+gradients came out 13 % under to 3 % over, passes without gradients 31 % under to 2 % over (CPU
 kernels' own buffers, which no operation returns, weigh most in those small passes).
 """
 
