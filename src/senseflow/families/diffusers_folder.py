@@ -30,6 +30,7 @@ MODEL_INDEX = "model_index.json"
 # Files a diffusers pipeline needs from the hub: the index, every component's configs, tokenizer
 # files and weights inside component folders (not the single-file checkpoints some repositories
 # also keep at their root).
+CLIP_MAX_LENGTH = 77  # CLIP's token length, the pipelines' fallback when a folder has no tokenizer config
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 
 
@@ -90,6 +91,15 @@ class TeacherFolder:
         folder = self.path / component
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         return _read_json(folder / name)
+
+    def token_length(self, tokenizer: str, default: int) -> int:
+        """A tokenizer's ``model_max_length`` from its config (``default`` when absent or unset)."""
+        path = self.path / tokenizer / "tokenizer_config.json"
+        if path.is_file():
+            value = _read_json(path).get("model_max_length")
+            if isinstance(value, int) and value < 100_000:  # transformers' "no limit" is a huge int
+                return value
+        return default
 
     def pipeline_flag(self, key: str, default: Any) -> Any:
         """A pipeline-level setting saved in ``model_index.json`` (e.g. force_zeros_for_empty_prompt)."""

@@ -77,6 +77,14 @@ class FamilyAdapter(ABC):
 
     # ------------------------------------------------------------------ conditioning and calls
 
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One sample's conditioning tensors (names and shapes) as ``encode_prompts`` builds them,
+        from the folder's configs alone: the memory planner traces the networks with them."""
+        raise ValueError(
+            f"{type(self).__name__} does not state its conditioning shapes (conditioning_shapes), which "
+            "senseflow plan needs"
+        )
+
     # Where encode_prompts reads from instead of the text encoders: any object with
     # ``lookup(prompts) -> Conditioning`` (the offline text cache). None: encode live.
     text_cache: Any = None

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +42,6 @@ from senseflow.models.adapter import FamilyAdapter
 from senseflow.models.batch import Conditioning
 
 META = torch.device("meta")
-CLIP_LENGTH = 77  # CLIP's token length when a folder has no tokenizer config
 
 
 class FusedAttention(torch.autograd.Function):
@@ -194,50 +191,9 @@ def fit_pass(measure: Callable[[int], Pass]) -> tuple[Linear, Linear]:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _max_length(folder: Path, tokenizer: str, default: int) -> int:
-    path = folder / tokenizer / "tokenizer_config.json"
-    if path.is_file():
-        value = json.loads(path.read_text()).get("model_max_length")
-        if isinstance(value, int) and value < 100_000:
-            return value
-    return default
-
-
 def conditioning_shapes(adapter: FamilyAdapter) -> dict[str, tuple[int, ...]]:
-    """One sample's conditioning tensors (names and shapes) as the family's encoder builds them."""
-    from senseflow.families.flux.adapter import FluxAdapter
-    from senseflow.families.sd3.adapter import SD3Adapter
-    from senseflow.families.sdxl.adapter import SDXLAdapter
-    from senseflow.families.toy.adapter import ToyAdapter
-
-    if isinstance(adapter, ToyAdapter):
-        cfg = adapter.network_spec("generator")[1]
-        text = json.loads((adapter.folder / "text_encoder" / "config.json").read_text())
-        length = int(text["max_position_embeddings"])
-        return {
-            "tokens": (length, int(cfg["joint_attention_dim"])),
-            "pooled": (int(cfg["pooled_projection_dim"]),),
-        }
-    cfg, root = adapter.network_config, adapter.folder.path
-    if isinstance(adapter, SDXLAdapter):
-        pooled = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
-        length = _max_length(root, "tokenizer", CLIP_LENGTH)
-        return {"prompt_embeds": (length, int(cfg["cross_attention_dim"])), "pooled": (pooled,)}
-    if isinstance(adapter, SD3Adapter):
-        length = _max_length(root, "tokenizer", CLIP_LENGTH) + adapter.max_sequence_length
-        return {
-            "prompt_embeds": (length, int(cfg["joint_attention_dim"])),
-            "pooled": (int(cfg["pooled_projection_dim"]),),
-        }
-    if isinstance(adapter, FluxAdapter):
-        return {
-            "prompt_embeds": (adapter.max_sequence_length, int(cfg["joint_attention_dim"])),
-            "pooled": (int(cfg["pooled_projection_dim"]),),
-        }
-    raise ValueError(
-        f"senseflow plan does not know the conditioning of {type(adapter).__name__} "
-        "(it knows the families toy, sdxl, sd3 and flux)"
-    )
+    """One sample's conditioning tensors (names and shapes), as the family's adapter states them."""
+    return adapter.conditioning_shapes()
 
 
 def meta_conditioning(shapes: dict[str, tuple[int, ...]], batch: int) -> Conditioning:

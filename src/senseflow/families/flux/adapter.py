@@ -129,6 +129,13 @@ class FluxAdapter(DiffusersAdapter):
             prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
 
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        cfg = self.network_config
+        return {
+            "prompt_embeds": (self.max_sequence_length, int(cfg["joint_attention_dim"])),
+            "pooled": (int(cfg["pooled_projection_dim"]),),
+        }
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Conditioning:
         text = self.text

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
-from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
+from senseflow.families.diffusers_folder import CLIP_MAX_LENGTH, DiffusersAdapter, TeacherFolder
 from senseflow.models.batch import Conditioning
 from senseflow.models.schedules import (
     dynamic_shift_mu,
@@ -29,7 +29,6 @@ from senseflow.models.schedules import (
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default
 SD3_MAX_SHIFT = 1.16  # the SD3 pipeline's fallback max_shift for dynamic shifting
-CLIP_MAX_LENGTH = 77  # the pipeline's fallback when the folder has no first tokenizer
 
 
 class SD3Adapter(DiffusersAdapter):
@@ -74,6 +73,14 @@ class SD3Adapter(DiffusersAdapter):
         ).input_ids.to(self.device)
 
     @torch.no_grad()
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        cfg = self.network_config
+        length = self.folder.token_length("tokenizer", CLIP_MAX_LENGTH) + self.max_sequence_length
+        return {
+            "prompt_embeds": (length, int(cfg["joint_attention_dim"])),
+            "pooled": (int(cfg["pooled_projection_dim"]),),
+        }
+
     def encode_text(self, prompts: list[str]) -> Conditioning:
         text = self.text
         clip_length = text["tokenizer"].model_max_length if "tokenizer" in text else CLIP_MAX_LENGTH

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
-from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
+from senseflow.families.diffusers_folder import CLIP_MAX_LENGTH, DiffusersAdapter, TeacherFolder
 from senseflow.models.batch import Conditioning
 from senseflow.models.schedules import load_ddpm_schedule, parameterisation_and_anchors
 
@@ -48,6 +48,12 @@ class SDXLAdapter(DiffusersAdapter):
         return {"layer": "penultimate"}
 
     @torch.no_grad()
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        cfg = self.network_config
+        pooled = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(cfg["addition_time_embed_dim"])
+        length = self.folder.token_length("tokenizer", CLIP_MAX_LENGTH)
+        return {"prompt_embeds": (length, int(cfg["cross_attention_dim"])), "pooled": (pooled,)}
+
     def encode_text(self, prompts: list[str]) -> Conditioning:
         text, hidden, pooled = self.text, [], None
         for tokenizer_name, encoder_name in self.TEXT_COMPONENTS:

@@ -8,6 +8,7 @@ score start from the teacher's weights, as SenseFlow initialises both.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,14 @@ class ToyAdapter(FamilyAdapter):
 
     def text_identity(self) -> dict[str, Any]:
         return {"family": "toy", "files": files_identity(self.folder, ("text_encoder", "tokenizer"))}
+
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        cfg = self._config
+        text = json.loads((self.folder / "text_encoder" / "config.json").read_text())
+        return {
+            "tokens": (int(text["max_position_embeddings"]), int(cfg["joint_attention_dim"])),
+            "pooled": (int(cfg["pooled_projection_dim"]),),
+        }
 
     def encode_text(self, prompts: list[str]) -> Conditioning:
         tokens, pooled = self.encoder(prompts)
