@@ -51,6 +51,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from senseflow.config.schema import LORA_TARGET_MODULES
+
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "LORA_INITS",
@@ -73,16 +75,7 @@ __all__ = [
 # blocks and of SD3 / FLUX (to_q, to_k, to_v, to_out.0), plus the context stream's projections of the
 # joint (MM-DiT) blocks where present (add_*_proj, to_add_out). Matched as peft matches names: a module
 # whose full name equals an entry or ends with "." + entry.
-DEFAULT_TARGET_MODULES: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
+DEFAULT_TARGET_MODULES: tuple[str, ...] = tuple(LORA_TARGET_MODULES)  # the recipe field's default
 
 LoraInit = Literal["default", "gaussian", "orthogonal"]
 # The peft ``init_lora_weights`` values that leave the base untouched and make B·A zero at the start:

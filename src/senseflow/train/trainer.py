@@ -20,8 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from senseflow.config.loader import dump_config, save_resolved
-from senseflow.config.registry import data_kind_spec, discriminator_spec, family_spec, resolve_builder
-from senseflow.config.schema import DistillConfig, OptimizerConfig
+from senseflow.config.schema import DistillConfig
 from senseflow.data import verify_latent_cache
 from senseflow.devices import autocast, reshard, resolve_device, set_tf32, to_dtype
 from senseflow.method import check_ida_compatible, ida_update_
@@ -39,58 +38,8 @@ from senseflow.train.lora_mode import LoraIda, build_lora_roles
 from senseflow.train.parallel import device_mesh, is_sharded, shard, shard_policy, wrap
 from senseflow.train.samples import save_sample_grid
 from senseflow.train.sharded_checkpoint import ShardedCheckpointer, load_sharded
+from senseflow.train.startup import build_optimizer, check_buildable, check_optimizers, check_supported
 from senseflow.train.step import NetworkCalls, SenseFlowStep
-
-
-def _check_optimizers(cfg: DistillConfig, device: torch.device) -> None:
-    """8-bit AdamW is bitsandbytes' CUDA kernel: refuse it elsewhere before anything is loaded."""
-    for field, o in (
-        ("generator", cfg.optim.generator),
-        ("fake", cfg.optim.fake),
-        ("discriminator", cfg.optim.discriminator),
-    ):
-        if o.name == "adamw8bit" and device.type != "cuda":
-            raise ValueError(
-                f"optim.{field}.name: 'adamw8bit' (bitsandbytes) runs on CUDA only and this run's device is "
-                f"{device}; use adamw"
-            )
-
-
-def _optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise ImportError(
-                "optim.*.name 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)"
-            ) from exc
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def _check_buildable(cfg: DistillConfig) -> None:
-    """Stop before anything is loaded when the recipe names a family, data kind or discriminator that
-    this version can validate but not build."""
-    resolve_builder(family_spec(cfg.model.family), "model.family")
-    resolve_builder(data_kind_spec(cfg.data.kind), "data.kind")
-    if cfg.method.gan.type != "none":
-        resolve_builder(discriminator_spec(cfg.method.gan.type), "method.gan.type")
-
-
-def _check_supported(cfg: DistillConfig) -> None:
-    """Refuse settings this version would otherwise silently mistrain with."""
-    p = cfg.precision
-    unsupported = [
-        f"precision.{name}=fp16"
-        for name, value in (("param_dtype", p.param_dtype), ("autocast_dtype", p.autocast_dtype))
-        if value == "fp16"
-    ]
-    if unsupported:
-        raise ValueError(
-            "not supported: " + ", ".join(unsupported) + " (float16 training needs loss scaling, which this "
-            "trainer does not do; use bf16, as every official recipe does)"
-        )
 
 
 class _Once:
@@ -114,8 +63,8 @@ def disc_conditioning(disc, batch: Batch, cond: Conditioning, real_pixels) -> Co
 
 class Distiller:
     def __init__(self, cfg: DistillConfig, progress: bool = True):
-        _check_supported(cfg)
-        _check_buildable(cfg)
+        check_supported(cfg)
+        check_buildable(cfg)
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -126,7 +75,7 @@ class Distiller:
         self.autocast_dtype = to_dtype(prec.autocast_dtype, "precision.autocast_dtype")
         set_tf32(prec.tf32)
         self.adapter = build_adapter(cfg).to(self.device)  # a missing teacher is the first error
-        _check_optimizers(cfg, self.device)  # before any network is built
+        check_optimizers(cfg, self.device)  # before any network is built
         self.param = self.adapter.param
         self.mesh = device_mesh(self.device, cfg.parallel.strategy, cfg.parallel.replicate_degree)
         nets = self._build_networks()
@@ -140,15 +89,15 @@ class Distiller:
         self.fake_ddp = wrap(self.fake_score, "fake_score", strategy)
         o = cfg.optim
         self.optimizers = {
-            "generator": _optimizer(self.generator.parameters(), o.generator),
-            "fake_score": _optimizer(self.fake_score.parameters(), o.fake),
+            "generator": build_optimizer(self.generator.parameters(), o.generator),
+            "fake_score": build_optimizer(self.fake_score.parameters(), o.fake),
         }
         self.clips = {"generator": o.generator.clip_grad, "fake_score": o.fake.clip_grad}
         self.disc_ddp = None
         if self.discriminator is not None:
             self.discriminator.to(self.device)
             self.disc_ddp = wrap(self.discriminator, "discriminator", strategy)
-            self.optimizers["discriminator"] = _optimizer(
+            self.optimizers["discriminator"] = build_optimizer(
                 self.discriminator.trainable_parameters(), o.discriminator
             )
             self.clips["discriminator"] = o.discriminator.clip_grad
