@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from senseflow.eval.cli import add_parser as add_eval
     from senseflow.experiments.toy.cli import add_parser as add_toy
     from senseflow.experiments.toy.demo import add_parser as add_demo
+    from senseflow.export.cli import add_parser as add_export
     from senseflow.generate import add_parser as add_generate
     from senseflow.teacher_sample import add_parser as add_teacher_sample
     from senseflow.train.cache_cli import add_parser as add_cache_text
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_text(sub)
     add_plan(sub)
     add_generate(sub)
+    add_export(sub)
     add_teacher_sample(sub)
     add_eval(sub)
     add_toy(sub)

@@ -306,6 +306,35 @@ class DiffusersAdapter(FamilyAdapter):
             self._null = self.uncond_conditioning()
         return type(self._null)({k: v.expand(n, *v.shape[1:]) for k, v in self._null.tensors.items()})
 
+    # ------------------------------------------------------------------ export (senseflow export)
+
+    DEFAULT_MAX_SEQUENCE_LENGTH: int | None = None  # the stock pipeline's default, for families with T5
+    SINGLE_FILE_COMPONENTS: tuple[str, ...] = ()  # what the original single-file checkpoint holds
+
+    def export_network(self, net: nn.Module) -> nn.Module:
+        """The student's network as the stock pipeline runs it (unchanged unless a family folds in
+        something the student's calls add, as FLUX's constant LoRA-mode guidance)."""
+        return net
+
+    def student_call_kwargs(self, resolution: int) -> dict[str, Any]:
+        """What a stock pipeline call needs besides the prompt and steps to run the student as trained:
+        the trained size, no CFG (guidance 1 turns it off in the CFG pipelines), the trained T5 length."""
+        kwargs: dict[str, Any] = {"height": resolution, "width": resolution}
+        if self.guidance_kind == "cfg":
+            kwargs["guidance_scale"] = 1.0
+        length = getattr(self, "max_sequence_length", None)
+        if self.DEFAULT_MAX_SEQUENCE_LENGTH is not None and length != self.DEFAULT_MAX_SEQUENCE_LENGTH:
+            kwargs["max_sequence_length"] = length
+        return kwargs
+
+    def single_file_state_dict(self, states: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``states`` (component -> diffusers state dict) in the original single-file key layout."""
+        raise ValueError(f"{type(self).__name__} has no single-file layout")
+
+    def kohya_lora_state_dict(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A peft-layout LoRA of the network in the layout ComfyUI loads."""
+        raise ValueError(f"{type(self).__name__} has no ComfyUI LoRA layout")
+
     def uncond_conditioning(self):
         """One sample of CFG's unconditional branch: the encoded empty prompt, or zeros of its shapes
         when ``zero_uncond`` (SDXL's ``force_zeros_for_empty_prompt``, or ``model.uncond: zeros``)."""

@@ -26,6 +26,7 @@ from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
 from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
+from senseflow.families.flux.single_file import flux_kohya_lora_state_dict, flux_original_state_dict
 from senseflow.models.adapter import Role, V
 from senseflow.models.batch import Conditioning
 from senseflow.models.schedules import (
@@ -67,6 +68,8 @@ class FluxAdapter(DiffusersAdapter):
     NETWORK_CLASS = FluxTransformer2DModel
     TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     guidance_kind = "embedding"
+    DEFAULT_MAX_SEQUENCE_LENGTH = DEFAULT_MAX_SEQUENCE_LENGTH
+    SINGLE_FILE_COMPONENTS = ("transformer",)
 
     def __init__(
         self,
@@ -172,6 +175,44 @@ class FluxAdapter(DiffusersAdapter):
             return_dict=False,
         )[0]
         return unpack(out, h, w)
+
+    # ------------------------------------------------------------------ export
+
+    def student_call_kwargs(self, resolution: int) -> dict[str, Any]:
+        kwargs = super().student_call_kwargs(resolution)
+        if self.student_guidance is not None:  # a LoRA student on the teacher's guidance embedding
+            kwargs["guidance_scale"] = self.student_guidance
+        return kwargs
+
+    @torch.no_grad()
+    def export_network(self, net: nn.Module) -> nn.Module:
+        """A LoRA-mode student runs the teacher's guidance embedder on a constant: its output is a
+        constant vector added to the time embedding, folded here into the time embedder's last bias,
+        so the exported network has no guidance input (``guidance_embeds=False``) like a fully
+        fine-tuned student, and the stock pipeline's guidance_scale cannot change it."""
+        if not getattr(net.config, "guidance_embeds", False) or self.student_guidance is None:
+            return net
+        embed = net.time_text_embed
+        # FluxTransformer2DModel scales guidance by 1000 before its sinusoidal projection
+        g = torch.full((1,), float(self.student_guidance) * 1000, device=net.device, dtype=torch.float32)
+        constant = embed.guidance_embedder(
+            embed.time_proj(g).to(embed.guidance_embedder.linear_1.weight.dtype)
+        )
+        config = {**net.config, "guidance_embeds": False}
+        plain = type(net).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith(GUIDANCE_EMBEDDER)}
+        bias = "time_text_embed.timestep_embedder.linear_2.bias"
+        state[bias] = (state[bias].float() + constant[0].float()).to(state[bias].dtype)
+        plain.load_state_dict(state, strict=True)
+        return plain.to(net.dtype).eval().requires_grad_(False)
+
+    def single_file_state_dict(self, states: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The transformer in Black Forest Labs' layout (``guidance_in`` only if it has the embedder)."""
+        return flux_original_state_dict(states["transformer"], self.network_config)
+
+    def kohya_lora_state_dict(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fused q/k/v and MLP-input LoRAs in BFL names, exact (rank ``3r`` on a fused layer)."""
+        return flux_kohya_lora_state_dict(peft_state)
 
     def _pipeline_t(self, steps: int) -> list[float]:
         return np.linspace(1.0, 1 / steps, steps).tolist()

@@ -20,6 +20,7 @@ from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
 from senseflow.families.diffusers_folder import CLIP_MAX_LENGTH, DiffusersAdapter, TeacherFolder
+from senseflow.families.sd3.single_file import sd3_original_state_dict
 from senseflow.models.batch import Conditioning
 from senseflow.models.schedules import (
     dynamic_shift_mu,
@@ -41,6 +42,8 @@ class SD3Adapter(DiffusersAdapter):
         ("tokenizer_3", "text_encoder_3"),
     )
     guidance_kind = "cfg"
+    DEFAULT_MAX_SEQUENCE_LENGTH = DEFAULT_MAX_SEQUENCE_LENGTH
+    SINGLE_FILE_COMPONENTS = ("transformer",)
 
     def __init__(
         self,
@@ -117,6 +120,10 @@ class SD3Adapter(DiffusersAdapter):
             timestep=self.param.model_timestep(level),
             return_dict=False,
         )[0]
+
+    def single_file_state_dict(self, states: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The transformer in Stability AI's layout (``model.diffusion_model.`` keys)."""
+        return sd3_original_state_dict(states["transformer"], self.network_config)
 
     def sampling_levels(self, steps: int) -> Tensor:
         return self.schedule.inference_sigmas(steps)

@@ -20,6 +20,7 @@ from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
 from senseflow.families.diffusers_folder import CLIP_MAX_LENGTH, DiffusersAdapter, TeacherFolder
+from senseflow.families.sdxl.single_file import sdxl_checkpoint_state_dict, sdxl_kohya_lora_state_dict
 from senseflow.models.batch import Conditioning
 from senseflow.models.schedules import load_ddpm_schedule, parameterisation_and_anchors
 
@@ -30,6 +31,7 @@ class SDXLAdapter(DiffusersAdapter):
     NETWORK_CLASS = UNet2DConditionModel
     TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     guidance_kind = "cfg"
+    SINGLE_FILE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
     def __init__(
         self,
@@ -93,6 +95,23 @@ class SDXLAdapter(DiffusersAdapter):
             },
             return_dict=False,
         )[0]
+
+    def single_file_state_dict(self, states: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The whole SDXL checkpoint in Stability AI's layout (UNet, VAE, CLIP-L, OpenCLIP bigG)."""
+        folder = self.folder
+        return sdxl_checkpoint_state_dict(
+            states["unet"],
+            self.network_config,
+            states.get("vae"),
+            self.vae_config if "vae" in states else None,
+            states.get("text_encoder"),
+            states.get("text_encoder_2"),
+            folder.config("text_encoder_2") if "text_encoder_2" in states else None,
+        )
+
+    def kohya_lora_state_dict(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``lora_unet_<diffusers module path>`` keys with down / up / alpha (= rank: scale 1)."""
+        return sdxl_kohya_lora_state_dict(peft_state)
 
     def sampling_levels(self, steps: int) -> Tensor:
         """The folder's scheduler timesteps (its spacing and offset), then the clean level."""
