@@ -158,7 +158,10 @@ def test_the_model_card_parses_and_names_the_settings(runs, tmp_path):
     body = text.split("---", 2)[2]
     assert "num_inference_steps=4" in body and "FlowMatchEulerDiscreteScheduler" in body
     assert "guidance_scale=1.0" in body and "max_sequence_length=8" in body
-    assert "sigmas=" in body  # SD 3's plain walk ends near σ=0: the exact call is in the card
+    # SD 3's plain walk ends near σ = 0; the fitted shift and the stretch to the last anchor make it
+    # walk the anchors, so the card's call needs no σ list
+    assert manifest["exact_call"] == {} and manifest["default_walk_max_difference"] < 1e-6
+    assert "sigmas=" not in body
     assert (out / "samples.png").is_file() and "![samples](samples.png)" in body
     recipe = yaml.safe_load((out / "senseflow" / "recipe.yaml").read_text())
     assert recipe["model"]["anchors"]["units"] == "sigma"

@@ -15,10 +15,10 @@ FLUX)          ``stochastic_sampling`` (x̂0, fresh noise)
 
 A pipeline called with only ``num_inference_steps=K`` walks the timesteps its scheduler derives from
 its config, so the config is chosen to make that walk the anchors: LCM's
-``original_inference_steps``, DDIM's spacing and offset, the flow scheduler's static ``shift``
-(fitted to the anchors). Where no config walks them exactly, :attr:`StockSampler.call` holds what the
-pipeline call must add (``timesteps=`` or ``sigmas=``) and :attr:`StockSampler.deviation` the largest
-difference of the plain call's walk from the anchors.
+``original_inference_steps``, DDIM's spacing and offset, the flow scheduler's static ``shift`` (fitted
+to the anchors) and ``shift_terminal`` (the last anchor). Where no config walks them exactly,
+:attr:`StockSampler.call` holds what the pipeline call must add (``timesteps=`` or ``sigmas=``) and
+:attr:`StockSampler.deviation` the largest difference of the plain call's walk from the anchors.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ SIGMA_TOLERANCE = 1e-6
 # Bounds of the fitted static shift's logarithm (shift e^-6 .. e^6 covers every published schedule).
 LOG_SHIFT_BOUNDS = (-6.0, 6.0)
 LOG_SHIFT_GRID = 241  # coarse search points over LOG_SHIFT_BOUNDS (0.05 apart)
-# The flow scheduler's options that would move σ away from the static shift the fit relies on.
+# The flow scheduler's options that would move σ away from the static shift (and terminal stretch)
+# the fit relies on.
 FLOW_OVERRIDES = {
     "use_dynamic_shifting": False,
     "shift_terminal": None,
@@ -153,12 +154,17 @@ def flow_sampler(
 ) -> StockSampler:
     """FlowMatchEulerDiscreteScheduler walking ``sigmas``; ``pipeline_kwargs(K)`` is what the stock
     pipeline passes to ``set_timesteps`` besides the step count (FLUX: its own σ grid and μ)."""
+    k = len(sigmas)
+    # the stretch to a terminal σ pins the walk's last step to the last anchor whatever the grid the
+    # pipeline starts from (SD 3 ends its default grid near σ = 0), and leaves the inverse-shifted
+    # anchors of an exact call unchanged (their last one already shifts onto it)
+    terminal = float(sigmas[-1]) if k > 1 and sigmas[-1] < 1.0 else None
     base = {
         **_own(FlowMatchEulerDiscreteScheduler, config),
         **FLOW_OVERRIDES,
+        "shift_terminal": terminal,
         "stochastic_sampling": mode == "renoise",
     }
-    k = len(sigmas)
     target = np.asarray(sigmas, dtype=np.float64)
 
     def walk(shift: float, **call: Any) -> np.ndarray:
@@ -180,7 +186,8 @@ def flow_sampler(
     deviation = float(np.abs(default - target).max())
     cfg = {**base, "shift": shift}
     if deviation <= SIGMA_TOLERANCE:
-        return StockSampler(FlowMatchEulerDiscreteScheduler.__name__, cfg, sigmas, "sigma", default.tolist())
+        name = FlowMatchEulerDiscreteScheduler.__name__
+        return StockSampler(name, cfg, sigmas, "sigma", default.tolist(), deviation=deviation)
     call = {"sigmas": _inverse_shift(target, shift).tolist()}
     exact = np.abs(walk(shift, **call) - target).max()
     if exact > SIGMA_TOLERANCE:  # not expected: the inverse of the static shift is exact up to rounding
