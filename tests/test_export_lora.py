@@ -45,12 +45,22 @@ def _network_output(student: Student, net: torch.nn.Module) -> torch.Tensor:
         return adapter.forward(net, x, level, cond).float()
 
 
+@pytest.fixture(scope="module")
+def lora_runs(tiny_folder, data, tmp_path_factory):
+    """One short LoRA-mode distillation per family."""
+    root = tmp_path_factory.mktemp("lora_runs")
+    for family in FAMILIES:
+        more = (*LORA, *MORE.get(family, ()), "schedule.iterations=3")
+        Distiller(
+            family_cfg(family, tiny_folder(family, "a"), data, root / family, *more), progress=False
+        ).run()
+    return root
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_lora_on_the_teacher_pipeline_is_the_student(tiny_folder, data, tmp_path, family):
+def test_the_lora_on_the_teacher_pipeline_is_the_student(tiny_folder, lora_runs, tmp_path, family):
     teacher = tiny_folder(family, "a")
-    run = tmp_path / "run"
-    cfg = family_cfg(family, teacher, data, run, *LORA, *MORE.get(family, ()), "schedule.iterations=3")
-    Distiller(cfg, progress=False).run()
+    run = lora_runs / family
     out = tmp_path / "lora"
     assert (
         main(["export", str(run), "--format", "lora", "--out", str(out), "--dtype", "fp32", "--no-samples"])
@@ -80,6 +90,20 @@ def test_the_lora_on_the_teacher_pipeline_is_the_student(tiny_folder, data, tmp_
     assert "load_lora_weights" in card and 'subfolder="scheduler"' in card
     if family == "flux":  # the LoRA student runs the teacher's guidance embedder at a constant
         assert "guidance_scale=2.0" in card
+
+
+def test_a_flux_lora_student_exports_as_a_pipeline_without_guidance_input(lora_runs, tmp_path):
+    """The LoRA student runs the teacher's guidance embedder at a constant; the diffusers export
+    merges the adapter and folds that constant into the time embedding's bias."""
+    out = tmp_path / "pipeline"
+    assert (
+        main(["export", str(lora_runs / "flux"), "--out", str(out), "--dtype", "fp32", "--no-samples"]) == 0
+    )
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert pipe.transformer.config.guidance_embeds is False
+    student = Student.from_run(lora_runs / "flux")
+    exported, ours = _network_output(student, pipe.transformer), _network_output(student, student.generator)
+    assert _relative(exported, ours) < 1e-5
 
 
 def test_a_full_fine_tune_gives_a_lora_by_svd_with_its_error(tiny_folder, data, tmp_path, capsys):
