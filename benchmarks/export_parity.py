@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.family_helpers import RESOLUTION, family_cfg, write_image_dataset
+from tests.test_export import _fresh, _relative, export, senseflow_chain, stock_chain
+
 from senseflow.families.tiny import tiny_variants, write_tiny_teacher
 from senseflow.student import Student
 from senseflow.train.trainer import Distiller
-from tests.family_helpers import RESOLUTION, family_cfg, write_image_dataset
-from tests.test_export import _fresh, _relative, export, senseflow_chain, stock_chain
 
 NOISE_SEED = 5
 
