@@ -231,3 +231,14 @@ def test_single_file_round_trips_through_diffusers_own_converters(
         flux_width(config["num_attention_heads"] * config["attention_head_dim"])
     loaded = cls.from_single_file(str(path), config=str(out), subfolder="transformer", local_files_only=True)
     _same(loaded.state_dict(), network)
+
+
+def test_a_toy_run_is_refused_with_one_message(tiny_teacher_dir, tmp_path, capsys):
+    from tests.trainer_helpers import toy_cfg
+
+    run = tmp_path / "toy"
+    Distiller(toy_cfg(tiny_teacher_dir, run, "schedule.iterations=1", checkpoint_every=1), progress=False).run()
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no stock diffusers pipeline" in err and "sdxl, sd3 or flux" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
