@@ -149,8 +149,15 @@ def test_flux_export_has_no_guidance_embedding_and_records_the_default_walk(runs
 
 
 def test_the_model_card_parses_and_names_the_settings(runs, tmp_path):
+    records = tmp_path / "eval" / "records"
+    records.mkdir(parents=True)
+    for name, fid in (("student", 12.345), ("teacher", None)):  # the layout `senseflow eval` writes
+        metrics = {"fid_t": {"value": fid}} if fid else {}
+        model = {"name": name, "kind": name, "sampler": "renoise", "nfe": 4}
+        record = {"model": model, "reference": {"name": "teacher"}, "metrics": metrics}
+        (records / f"{name}.json").write_text(json.dumps(record))
     out = tmp_path / "export"
-    manifest = export(runs["sd3"], out)
+    manifest = export(runs["sd3"], out, "--eval", str(tmp_path / "eval"))
     text = (out / "README.md").read_text()
     meta = front_matter(text)
     assert meta["pipeline_tag"] == "text-to-image" and meta["library_name"] == "diffusers"
@@ -163,6 +170,9 @@ def test_the_model_card_parses_and_names_the_settings(runs, tmp_path):
     assert manifest["exact_call"] == {} and manifest["default_walk_max_difference"] < 1e-6
     assert "sigmas=" not in body
     assert (out / "samples.png").is_file() and "![samples](samples.png)" in body
+    evaluation = body[body.index("## Evaluation") :]
+    assert "| student | renoise | 4 | 12.35 |" in evaluation
+    assert evaluation.index("| teacher") < evaluation.index("| student")
     recipe = yaml.safe_load((out / "senseflow" / "recipe.yaml").read_text())
     assert recipe["model"]["anchors"]["units"] == "sigma"
     assert manifest["step"] == 2
@@ -237,7 +247,9 @@ def test_a_toy_run_is_refused_with_one_message(tiny_teacher_dir, tmp_path, capsy
     from tests.trainer_helpers import toy_cfg
 
     run = tmp_path / "toy"
-    Distiller(toy_cfg(tiny_teacher_dir, run, "schedule.iterations=1", checkpoint_every=1), progress=False).run()
+    Distiller(
+        toy_cfg(tiny_teacher_dir, run, "schedule.iterations=1", checkpoint_every=1), progress=False
+    ).run()
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "no stock diffusers pipeline" in err and "sdxl, sd3 or flux" in err

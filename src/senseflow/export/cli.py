@@ -79,7 +79,13 @@ def _eval_table(path: str | None) -> str | None:
     files = sorted((p / "records").glob("*.json")) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
         raise FileNotFoundError(f"--eval {path}: expected a record .json or a folder with records/*.json")
-    return markdown_table([json.loads(f.read_text()) for f in files])
+    records = [json.loads(f.read_text()) for f in files]
+    try:  # the reference row first, as `senseflow eval` writes its tables
+        references = {(r.get("reference") or {}).get("name") for r in records}
+        records.sort(key=lambda r: r["model"]["name"] not in references)
+        return markdown_table(records)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--eval {path}: not a `senseflow eval` record ({exc!r} missing)") from None
 
 
 def _samples(student: Student, out: Path) -> str | None:
