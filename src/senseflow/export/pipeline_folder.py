@@ -25,10 +25,10 @@ from senseflow.core.timesteps import Anchors
 from senseflow.export.schedulers import Mode, StockSampler, stock_sampler
 from senseflow.families.diffusers_folder import DiffusersAdapter
 from senseflow.models.adapter import FamilyAdapter
+from senseflow.student import EXPORT_DIR, EXPORT_META, EXPORT_RECIPE
 
-SENSEFLOW_DIR = "senseflow"  # senseflow's own files inside an exported folder
-RECIPE_FILE = "recipe.yaml"
-MANIFEST_FILE = "export.json"
+# senseflow's own files inside an exported folder, as `Student.from_export` reads them
+SENSEFLOW_DIR, RECIPE_FILE, MANIFEST_FILE = EXPORT_DIR, EXPORT_RECIPE, EXPORT_META
 
 
 def diffusers_adapter(adapter: FamilyAdapter, what: str) -> DiffusersAdapter:

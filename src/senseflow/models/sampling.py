@@ -9,7 +9,9 @@ pixel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,24 +81,37 @@ def student_images(
     prompts: Sequence[str],
     seeds: Sequence[int],
     mode: str,
+    *,
+    cond: Conditioning | None = None,
+    stage: Callable[[str], AbstractContextManager[Any]] | None = None,
 ) -> Tensor:
     """Decoded student images in [-1, 1] (NCHW), one per (prompt, seed), from the few-step chain.
 
     Each sample owns one random stream seeded by its seed: the initial noise first, then the
     fresh noise of every renoising step, so a batch's composition never changes an image.
+
+    ``cond``: the prompts' conditioning when the caller has it already (read from a text cache);
+    None encodes them with ``adapter.encode_prompts``. ``stage(name)``: a context manager entered
+    around each stage ("text", "denoise": the noise and the K network calls, "decode"), so a caller
+    can time them without this function knowing how.
     """
     _check(prompts, seeds)
+    timed = stage if stage is not None else (lambda _name: nullcontext())
+    if cond is None:
+        with timed("text"):
+            cond = adapter.encode_prompts(list(prompts))
     streams = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def fresh(like: Tensor) -> Tensor:
         return torch.stack([torch.randn(tuple(like.shape[1:]), generator=g) for g in streams]).to(like)
 
     device = module_device(generator)
-    noise = fresh(torch.empty(len(seeds), *adapter.sample_shape(resolution), device=device))
-    cond = adapter.encode_prompts(list(prompts))
     fn = lambda x, level: adapter.forward(generator, x, level, cond)  # noqa: E731
-    x0 = student_sample(fn, noise, anchor_levels.to(device), adapter.param, mode, generator=fresh)
-    return adapter.decode(x0).float().clamp(-1, 1)
+    with timed("denoise"):
+        noise = fresh(torch.empty(len(seeds), *adapter.sample_shape(resolution), device=device))
+        x0 = student_sample(fn, noise, anchor_levels.to(device), adapter.param, mode, generator=fresh)
+    with timed("decode"):
+        return adapter.decode(x0).float().clamp(-1, 1)
 
 
 @torch.no_grad()
