@@ -254,3 +254,18 @@ def test_a_toy_run_is_refused_with_one_message(tiny_teacher_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "no stock diffusers pipeline" in err and "sdxl, sd3 or flux" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_the_eval_student_source_takes_an_exported_folder(runs, tmp_path):
+    from senseflow.eval.config import ModelEntry
+    from senseflow.eval.sources import build_source
+
+    out = tmp_path / "export"
+    export(runs["flux"], out, "--no-samples")
+    exported = build_source(ModelEntry(name="exported", kind="student", path=str(out)), device="cpu")
+    trained = build_source(ModelEntry(name="run", kind="student", path=str(runs["flux"])), device="cpu")
+    assert exported.identity()["checkpoint_sha256"] == trained.identity()["checkpoint_sha256"]
+    assert exported.identity()["export_dtype"] == "fp32"
+    torch.testing.assert_close(
+        exported.generate(PROMPTS, [0, 1]), trained.generate(PROMPTS, [0, 1]), rtol=1e-5, atol=1e-5
+    )

@@ -8,6 +8,7 @@ image cache and the result record. Sources are registered by ``kind``; a teacher
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -178,29 +179,51 @@ class StudentSource(ImageSource):
 
     def __init__(self, entry: ModelEntry, device: str):
         super().__init__(entry)
-        from senseflow.student import Student
+        from senseflow.student import EXPORT_DIR, EXPORT_META, Student, is_export
 
         if not entry.path:
-            raise ValueError(f"model {entry.name!r}: 'path' (the run folder) is required for kind 'student'")
+            raise ValueError(
+                f"model {entry.name!r}: 'path' (a run folder or an exported diffusers folder) is required "
+                "for kind 'student'"
+            )
         if entry.steps is not None or entry.guidance is not None:
             raise ValueError(
                 f"model {entry.name!r}: a student samples at its recipe's anchors without guidance; "
                 "remove 'steps'/'guidance'"
             )
-        self.sampler = entry.sampler or "renoise"
+        self.export: dict[str, Any] | None = None
+        if is_export(entry.path):  # `senseflow export --format diffusers`: its weights and its sampler
+            if entry.checkpoint:
+                raise ValueError(
+                    f"model {entry.name!r}: an exported folder has no checkpoints; remove 'checkpoint'"
+                )
+            self.student = Student.from_export(entry.path, device=device)
+            self.export = json.loads((Path(entry.path) / EXPORT_DIR / EXPORT_META).read_text())
+        else:
+            self.student = Student.from_run(entry.path, entry.checkpoint, device=device)
+        self.sampler = entry.sampler or self.student.default_sampler
         if self.sampler not in ("renoise", "euler"):
             raise ValueError(
                 f"model {entry.name!r}: sampler must be 'renoise' or 'euler', got {self.sampler!r}"
             )
-        self.student = Student.from_run(entry.path, entry.checkpoint, device=device)
 
     def identity(self) -> dict[str, Any]:
         nfe = len(self.student.anchor_levels)
         resolution = self.student.cfg.data.resolution
+        if self.export is not None:  # the trained weights it came from, and the dtype it was written in
+            source = {
+                "checkpoint": str(self.student.source),
+                "checkpoint_sha256": self.export.get("generator_sha256"),
+                "export_dtype": self.export.get("dtype"),
+            }
+        else:
+            source = {
+                "checkpoint": str(self.student.checkpoint),
+                "checkpoint_sha256": network_sha256(self.student.checkpoint, "generator"),
+            }
         return {
             "kind": "student",
-            "checkpoint": str(self.student.checkpoint),
-            "checkpoint_sha256": network_sha256(self.student.checkpoint, "generator"),
+            **source,
             "sampler": self.sampler,
             "steps": nfe,
             "nfe": nfe,
