@@ -86,6 +86,8 @@ def test_the_lora_on_the_teacher_pipeline_is_the_student(tiny_folder, lora_runs,
     moved = (plain - ours).norm()
     assert moved > 0, "training did not move the adapter: the comparison would be vacuous"
     assert (loaded - ours).norm() / moved < 1e-3
+    refused = ["export", str(run), "--format", "lora", "--rank", "2", "--out", str(tmp_path / "again")]
+    assert main(refused) == 2  # a LoRA run exports its own adapter; --rank is for extraction
     card = (out / "README.md").read_text()
     assert "load_lora_weights" in card and 'subfolder="scheduler"' in card
     if family == "flux":  # the LoRA student runs the teacher's guidance embedder at a constant

@@ -28,7 +28,6 @@ def sd3_pipeline(k: int) -> dict:
 def _walk(sampler, pipeline, **call) -> np.ndarray:
     s = FlowMatchEulerDiscreteScheduler.from_config(sampler.config)
     s.set_timesteps(sampler.steps, **{**pipeline(sampler.steps), **call})
-    assert s.sigmas[-1] == 0  # the last step lands on x̂0
     return s.sigmas[:-1].double().numpy()
 
 
@@ -79,3 +78,11 @@ def test_ddpm_anchors_give_lcm_and_ddim_walks():
     assert leading.config["timestep_spacing"] == "leading" and leading.config["steps_offset"] == 50
     with pytest.raises(ValueError, match="--sampler renoise"):
         ddpm_sampler(SDXL, [999, 700, 400, 100], "euler")
+
+
+def test_lcm_uses_x0_as_predicted_even_when_the_folder_clips():
+    """A folder's DDPMScheduler may save clip_sample: LCM would then clamp x̂0 to [-1, 1]."""
+    sampler = ddpm_sampler(
+        {**SDXL, "clip_sample": True, "thresholding": True}, [999, 749, 499, 249], "renoise"
+    )
+    assert sampler.config["clip_sample"] is False and sampler.config["thresholding"] is False

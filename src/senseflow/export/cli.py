@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,23 +35,23 @@ SAMPLE_COLUMNS = 4
 
 @contextlib.contextmanager
 def staged(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh ``out.partial`` to write into, renamed to ``out`` when the block completes."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    """A fresh staging folder beside ``out`` (``out.partial-*``), renamed to ``out`` when the block
+    completes; the previous ``out`` is moved aside and removed only after that rename."""
+    if (out.exists() or out.is_symlink()) and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"--out {out} is not empty; choose another folder or pass --overwrite")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left to look like an export
         raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        aside = old / out.name
+        out.rename(aside)
         tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old)  # a file, a folder or a link inside it; a link's target is left alone
     else:
         tmp.rename(out)
 
@@ -88,12 +89,13 @@ def _eval_table(path: str | None) -> str | None:
         raise ValueError(f"--eval {path}: not a `senseflow eval` record ({exc!r} missing)") from None
 
 
-def _samples(student: Student, out: Path) -> str | None:
+def _samples(student: Student, out: Path, mode: str) -> str | None:
+    """The card's grid, made with the sampler the exported scheduler reproduces."""
     prompts = list(student.cfg.logging.sample_prompts)
     if not prompts:
         return None
     seeds = list(range(len(prompts)))
-    images = quantise(student.sample(prompts, seeds, mode="renoise"), rule="round")
+    images = quantise(student.sample(prompts, seeds, mode=mode), rule="round")
     save_image(image_grid(images, ncols=min(SAMPLE_COLUMNS, len(prompts))), out / SAMPLES_FILE)
     return SAMPLES_FILE
 
@@ -131,8 +133,7 @@ def export_run(args: argparse.Namespace) -> Path:
             args.target_modules,
         )
         load_code = WRITERS[args.format](job)
-        if args.format != "diffusers":
-            job.notes.extend(noise_note(sampler))
+        job.notes.extend(noise_note(sampler))
         info = CardInfo(
             title=f"{cfg.name}: {sampler.steps}-step student ({args.format})",
             fmt=args.format,
@@ -149,7 +150,7 @@ def export_run(args: argparse.Namespace) -> Path:
             notes=job.notes,
             training=_training(cfg),
             eval_table=_eval_table(args.eval),
-            samples=None if args.no_samples else _samples(student, tmp),
+            samples=None if args.no_samples else _samples(student, tmp, args.sampler),
         )
         (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
     return out

@@ -55,6 +55,16 @@ class ExportJob:
         """safetensors metadata (strings only): the settings a loader needs."""
         return {"senseflow.export": json.dumps(self.summary), "format": "pt"}
 
+    def teacher_args(self) -> str:
+        """The teacher as the recipe pins it (revision and weight variant), as Python arguments."""
+        model = self.student.cfg.model
+        args = f'"{model.teacher}"'
+        if model.revision:
+            args += f', revision="{model.revision}"'
+        if model.variant:
+            args += f', variant="{model.variant}"'
+        return args
+
     def scheduler_lines(self) -> str:
         cls = self.sampler.class_name
         return f'pipe.scheduler = {cls}.from_pretrained("{self.out}", subfolder="scheduler")\n'
@@ -104,6 +114,12 @@ def _extracted_factors(job: ExportJob):
     )
     print(message)
     job.notes.append(message[0].upper() + message[1:] + ".")
+    if getattr(job.adapter, "teacher_has_guidance", False):
+        job.notes.append(
+            "The student was trained without the teacher's guidance embedding, which stays active on "
+            "the teacher's pipeline (its guidance_scale): this LoRA only approximates the student there; "
+            "the diffusers and single-file exports hold the student exactly."
+        )
     if ex.unmatched:
         job.notes.append(f"Student tensors the teacher lacks (not carried): {', '.join(ex.unmatched)}.")
     return ex.factors
@@ -112,6 +128,11 @@ def _extracted_factors(job: ExportJob):
 def write_lora(job: ExportJob) -> str:
     adapter, generator = job.adapter, job.student.generator
     if isinstance(generator, LoraRole):
+        if job.rank is not None or job.target_modules:
+            raise ValueError(
+                "--rank / --target-modules extract a LoRA from a full fine-tune; this LoRA-mode run "
+                f"exports its own adapter (rank {job.student.cfg.model.lora.rank}): drop them"
+            )
         factors = lora_factors(generator)
         job.summary["lora_source"] = "adapter"
     else:
@@ -127,10 +148,9 @@ def write_lora(job: ExportJob) -> str:
     else:
         job.notes.append(f"ComfyUI loads `{LORA_FILE}` (the diffusers layout) as it is.")
     job.sampler.scheduler().save_pretrained(job.folder / "scheduler")
-    teacher = job.student.cfg.model.teacher
     return (
         f"from diffusers import DiffusionPipeline, {job.sampler.class_name}\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{teacher}", torch_dtype={job.torch_dtype})\n'
+        f"pipe = DiffusionPipeline.from_pretrained({job.teacher_args()}, torch_dtype={job.torch_dtype})\n"
         + job.scheduler_lines()
         + f'pipe.load_lora_weights("{job.out}")\npipe.to("cuda")'
     )
@@ -169,7 +189,7 @@ def write_single_file(job: ExportJob) -> str:
             f"from diffusers import {pipeline}, {cls}, {sampler_cls}\n\n"
             f'net = {cls}.from_single_file("{path}", config="{job.out}", subfolder="{adapter.NETWORK}", '
             f"torch_dtype={job.torch_dtype})\n"
-            f'pipe = {pipeline}.from_pretrained("{job.student.cfg.model.teacher}", {adapter.NETWORK}=net, '
+            f"pipe = {pipeline}.from_pretrained({job.teacher_args()}, {adapter.NETWORK}=net, "
             f"torch_dtype={job.torch_dtype})\n"
         )
     return code + job.scheduler_lines() + 'pipe.to("cuda")'

@@ -104,7 +104,8 @@ def ddpm_sampler(config: dict[str, Any], anchors: list[int], mode: Mode) -> Stoc
     """LCM (renoise) or DDIM (euler) on the teacher's betas, walking integer ``anchors``."""
     k = len(anchors)
     if mode == "renoise":
-        base = _own(LCMScheduler, config)
+        # x̂0 is used as predicted: a folder's DDPMScheduler may save clip_sample (it would clamp x̂0)
+        base = {**_own(LCMScheduler, config), "clip_sample": False, "thresholding": False}
         lcm = LCMScheduler.from_config(base)
         total = int(lcm.config.num_train_timesteps)
         for original in range(k, total + 1):  # LCM's default walk picks K of `original` even steps

@@ -31,7 +31,8 @@ MODEL_INDEX = "model_index.json"
 # files and weights inside component folders (not the single-file checkpoints some repositories
 # also keep at their root).
 CLIP_MAX_LENGTH = 77  # CLIP's token length, the pipelines' fallback when a folder has no tokenizer config
-HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+# the root README.md is the teacher's model card (its license goes into an export's card)
+HUB_PATTERNS = ["model_index.json", "README.md", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 
 
 def hub_patterns(variant: str | None) -> list[str]:

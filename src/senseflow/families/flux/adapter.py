@@ -193,11 +193,10 @@ class FluxAdapter(DiffusersAdapter):
         if not getattr(net.config, "guidance_embeds", False) or self.student_guidance is None:
             return net
         embed = net.time_text_embed
-        # FluxTransformer2DModel scales guidance by 1000 before its sinusoidal projection
-        g = torch.full((1,), float(self.student_guidance) * 1000, device=net.device, dtype=torch.float32)
-        constant = embed.guidance_embedder(
-            embed.time_proj(g).to(embed.guidance_embedder.linear_1.weight.dtype)
-        )
+        # as FluxTransformer2DModel's forward: the guidance in the network's dtype, times 1000, then
+        # the sinusoidal projection (so a bf16 network folds the value it ran with)
+        g = torch.full((1,), float(self.student_guidance), device=net.device, dtype=net.dtype) * 1000
+        constant = embed.guidance_embedder(embed.time_proj(g).to(net.dtype))
         config = {**net.config, "guidance_embeds": False}
         plain = type(net).from_config({k: v for k, v in config.items() if not k.startswith("_")})
         state = {k: v for k, v in net.state_dict().items() if not k.startswith(GUIDANCE_EMBEDDER)}
