@@ -1,7 +1,7 @@
 """``senseflow export``: a trained student as a diffusers pipeline, a LoRA or single-file checkpoints.
 
-Every format is written into ``DIR.partial`` and renamed to ``DIR`` once complete, so an interrupted
-export never leaves a folder that looks finished; a non-empty ``DIR`` is replaced only with
+Every format is written into a staging folder beside ``DIR`` and renamed to ``DIR`` once complete,
+so an interrupted export never leaves a folder that looks finished; a non-empty ``DIR`` is replaced only with
 ``--overwrite`` (and then only after the new folder is complete).
 """
 
