@@ -41,7 +41,6 @@ import torch
 
 from senseflow.config import load_config
 from senseflow.core.sampling import seeded_noise
-from senseflow.export.pipeline_folder import read_manifest
 from senseflow.generate import (
     DEFAULT_BATCH_SIZE,
     DTYPE_CHOICES,
@@ -50,11 +49,7 @@ from senseflow.generate import (
     generate,
     load_student,
 )
-from senseflow.student import (
-    STAGES,
-    StageTimer,
-    Student,
-)
+from senseflow.student import STAGES, StageTimer, Student, read_export_meta
 
 TINY_FAMILIES = {"sdxl": "sdxl", "sd3": "sd35_large", "flux": "flux_dev"}
 TINY_RESOLUTION = 64
@@ -151,7 +146,7 @@ def time_parts(student: Student, prompts: list[str], batch_size: int) -> dict[st
 def stock_call_kwargs(exported: Path) -> dict[str, Any]:
     """The call the export's model card gives (its size, no CFG, the trained T5 length, the anchors
     when the plain call does not walk them), with the images returned as arrays."""
-    manifest = read_manifest(exported)
+    manifest = read_export_meta(exported)
     if manifest is None:
         raise ValueError(f"--exported {exported}: not a folder written by `senseflow export` (no senseflow/)")
     return {**manifest["call"], "output_type": "np"}

@@ -63,6 +63,12 @@ def is_export(folder: str | Path) -> bool:
     return (Path(folder) / EXPORT_DIR / EXPORT_META).is_file()
 
 
+def read_export_meta(folder: str | Path) -> dict[str, Any] | None:
+    """An exported folder's ``senseflow/export.json`` (None when ``folder`` is not an export)."""
+    path = Path(folder) / EXPORT_DIR / EXPORT_META
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device, default: torch.dtype) -> torch.dtype:
     """``auto``: bfloat16 on CUDA (what the large teachers are published in), float32 on the CPU (where
     half precision is slower on most processors); ``None``: ``default``; else fp32, bf16 or fp16."""
@@ -156,6 +162,7 @@ class Student:
         self.generator.load_state_dict(dict(weights), strict=True)  # copies, casting to the storage dtype
         self.anchor_levels = self.adapter.param.anchor_levels(self.adapter.anchors).to(self.device)
         self.default_sampler = "renoise"
+        self.export_meta: dict[str, Any] | None = None  # an exported folder's export.json
         self.text_cache, self.text_source = self._open_text_cache()
 
     # ------------------------------------------------------------------ loading
@@ -193,9 +200,9 @@ class Student:
         """
         folder = Path(folder)
         meta_path = folder / EXPORT_DIR / EXPORT_META
-        if not meta_path.is_file():
+        meta = read_export_meta(folder)
+        if meta is None:
             raise FileNotFoundError(f"{folder}: not an exported folder ({EXPORT_DIR}/{EXPORT_META} missing)")
-        meta = json.loads(meta_path.read_text())
         if meta.get("format") != EXPORT_FORMAT:
             raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
         overrides = [f"model.teacher={folder}", "model.revision=null", "model.variant=null"]
@@ -218,6 +225,7 @@ class Student:
         student = cls(cfg, weights, device=device, dtype=dtype, source=folder)
         modes = [meta.get(key) for key in ("sampler_mode", "sampler")]
         student.default_sampler = next((m for m in modes if m in SAMPLERS), student.default_sampler)
+        student.export_meta = meta
         return student
 
     def _open_text_cache(self) -> tuple[Any, str]:

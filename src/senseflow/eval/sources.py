@@ -8,7 +8,6 @@ image cache and the result record. Sources are registered by ``kind``; a teacher
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -179,7 +178,7 @@ class StudentSource(ImageSource):
 
     def __init__(self, entry: ModelEntry, device: str):
         super().__init__(entry)
-        from senseflow.student import EXPORT_DIR, EXPORT_META, Student, is_export
+        from senseflow.student import Student, is_export
 
         if not entry.path:
             raise ValueError(
@@ -198,7 +197,7 @@ class StudentSource(ImageSource):
                     f"model {entry.name!r}: an exported folder has no checkpoints; remove 'checkpoint'"
                 )
             self.student = Student.from_export(entry.path, device=device)
-            self.export = json.loads((Path(entry.path) / EXPORT_DIR / EXPORT_META).read_text())
+            self.export = self.student.export_meta
         else:
             self.student = Student.from_run(entry.path, entry.checkpoint, device=device)
         self.sampler = entry.sampler or self.student.default_sampler

@@ -27,9 +27,6 @@ from senseflow.families.diffusers_folder import DiffusersAdapter
 from senseflow.models.adapter import FamilyAdapter
 from senseflow.student import EXPORT_DIR, EXPORT_META, EXPORT_RECIPE
 
-# senseflow's own files inside an exported folder, as `Student.from_export` reads them
-SENSEFLOW_DIR, RECIPE_FILE, MANIFEST_FILE = EXPORT_DIR, EXPORT_RECIPE, EXPORT_META
-
 
 def diffusers_adapter(adapter: FamilyAdapter, what: str) -> DiffusersAdapter:
     """The adapter of a family with a stock diffusers pipeline, or one clear error."""
@@ -83,13 +80,7 @@ def write_pipeline_folder(
 
 def write_senseflow_files(out: Path, cfg: DistillConfig, anchors: Anchors, manifest: dict[str, Any]) -> None:
     """``senseflow/recipe.yaml`` and ``senseflow/export.json`` (written last: the folder is complete)."""
-    own = out / SENSEFLOW_DIR
+    own = out / EXPORT_DIR  # the files `Student.from_export` reads
     own.mkdir(parents=True, exist_ok=True)
-    save_resolved(exported_recipe(cfg, anchors), own / RECIPE_FILE, header="exported student's recipe")
-    (own / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """An exported folder's manifest, or None when ``folder`` is not one."""
-    path = Path(folder) / SENSEFLOW_DIR / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    save_resolved(exported_recipe(cfg, anchors), own / EXPORT_RECIPE, header="exported student's recipe")
+    (own / EXPORT_META).write_text(json.dumps(manifest, indent=2) + "\n")

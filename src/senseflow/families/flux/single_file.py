@@ -32,6 +32,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from senseflow.families.single_file_keys import KeyMover, swap_halves
+
 __all__ = ["KeyMover", "flux_kohya_lora_state_dict", "flux_original_state_dict"]
 
 # Width of the single blocks' MLP relative to the model width (fixed in FluxTransformer2DModel).
@@ -73,83 +75,10 @@ _SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
 _TOP_PLAIN = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear"}
 _FINAL_MODULATION = ("norm_out.linear", "final_layer.adaLN_modulation.1")
 
-_PARAMS = ("weight", "bias")
-
-
-def _swap_halves(t: Tensor) -> Tensor:
-    """Exchange the two halves of the output rows ((scale, shift) <-> (shift, scale))."""
-    first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
 
 def _block_indices(keys: list[str], prefix: str) -> set[int]:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return {int(m.group(1)) for k in keys if (m := pattern.match(k))}
-
-
-class KeyMover:
-    """Moves tensors from a source state dict to a target one under new names, remembering which
-    sources were used, so that :meth:`finish` can refuse a conversion that missed or dropped one
-    (shared with the SD3 layout)."""
-
-    def __init__(self, source: Mapping[str, Tensor]) -> None:
-        self.source = source
-        self.left = set(source)
-        self.out: dict[str, Tensor] = {}
-        self.missing: list[str] = []
-
-    def _take(self, key: str) -> Tensor | None:
-        if key not in self.source:
-            self.missing.append(key)
-            return None
-        self.left.discard(key)
-        return self.source[key]
-
-    def _put(self, key: str, value: Tensor) -> None:
-        if key in self.out:
-            raise ValueError(f"two tensors map to {key!r}")
-        self.out[key] = value
-
-    def rename(self, src: str, dst: str) -> None:
-        """One tensor renamed."""
-        value = self._take(src)
-        if value is not None:
-            self._put(dst, value)
-
-    def module(self, src: str, dst: str, *, swap: bool = False) -> None:
-        """A linear layer renamed (its weight, and its bias when it has one)."""
-        for param in _PARAMS:
-            key = f"{src}.{param}"
-            if param == "bias" and key not in self.source:
-                continue
-            value = self._take(key)
-            if value is not None:
-                self._put(f"{dst}.{param}", _swap_halves(value) if swap else value)
-
-    def norm(self, src: str, dst: str) -> None:
-        """An RMS norm's weight, called ``scale`` in the original layout."""
-        value = self._take(f"{src}.weight")
-        if value is not None:
-            self._put(f"{dst}.scale", value)
-
-    def fused(self, srcs: tuple[str, ...], dst: str) -> None:
-        """Linear layers stacked along their output rows into one."""
-        for param in _PARAMS:
-            keys = [f"{s}.{param}" for s in srcs]
-            present = [k in self.source for k in keys]
-            if param == "bias" and not any(present):
-                continue
-            parts = [self._take(k) for k in keys]
-            if all(p is not None for p in parts):
-                self._put(f"{dst}.{param}", torch.cat(parts, dim=0))
-
-    def finish(self, what: str) -> dict[str, Tensor]:
-        if self.missing:
-            raise ValueError(f"{what}: expected tensors missing: {', '.join(sorted(self.missing))}")
-        if self.left:
-            unmapped = ", ".join(sorted(self.left))
-            raise ValueError(f"{what}: tensors with no place in the original layout: {unmapped}")
-        return self.out
 
 
 def _check_count(keys: list[str], prefix: str, expected: int, name: str) -> None:
@@ -186,26 +115,19 @@ def flux_original_state_dict(
             continue
         for layer, original_layer in _EMBEDDER_LAYERS.items():
             conv.module(f"time_text_embed.{embedder}.{layer}", f"{original}.{original_layer}")
-    for src, dst in _TOP_PLAIN.items():
-        conv.module(src, dst)
+    conv.modules("", "", _TOP_PLAIN)
     conv.module(*_FINAL_MODULATION, swap=True)
 
     for i in range(num_double):
         src, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        for s, d in _DOUBLE_PLAIN.items():
-            conv.module(src + s, dst + d)
-        for s, d in _DOUBLE_NORMS.items():
-            conv.norm(src + s, dst + d)
-        for d, parts in _DOUBLE_FUSED.items():
-            conv.fused(tuple(src + p for p in parts), dst + d)
+        conv.modules(src, dst, _DOUBLE_PLAIN)
+        conv.norms(src, dst, _DOUBLE_NORMS)
+        conv.fused_layers(src, dst, _DOUBLE_FUSED)
     for i in range(num_single):
         src, dst = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        for s, d in _SINGLE_PLAIN.items():
-            conv.module(src + s, dst + d)
-        for s, d in _SINGLE_NORMS.items():
-            conv.norm(src + s, dst + d)
-        for d, parts in _SINGLE_FUSED.items():
-            conv.fused(tuple(src + p for p in parts), dst + d)
+        conv.modules(src, dst, _SINGLE_PLAIN)
+        conv.norms(src, dst, _SINGLE_NORMS)
+        conv.fused_layers(src, dst, _SINGLE_FUSED)
 
     out = conv.finish("FLUX transformer")
     return {prefix + k: v for k, v in out.items()} if prefix else out
@@ -214,26 +136,24 @@ def flux_original_state_dict(
 # --------------------------------------------------------------------------------------------- LoRA
 
 _LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+# (diffusers block pattern, original block name, plain layers, fused layers) per kind of block
+_LORA_BLOCKS = (
+    (r"transformer_blocks\.(\d+)\.(.+)", "double_blocks", _DOUBLE_PLAIN, _DOUBLE_FUSED),
+    (r"single_transformer_blocks\.(\d+)\.(.+)", "single_blocks", _SINGLE_PLAIN, _SINGLE_FUSED),
+)
 
 
 def _lora_target(module: str) -> tuple[str, int, int, bool] | None:
     """Where a diffusers module's LoRA goes: (original module, part index, number of parts, swap)."""
-    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
-        block, rest = f"double_blocks.{m.group(1)}.", m.group(2)
-        if rest in _DOUBLE_PLAIN:
-            return block + _DOUBLE_PLAIN[rest], 0, 1, False
-        for fused, parts in _DOUBLE_FUSED.items():
-            if rest in parts:
-                return block + fused, parts.index(rest), len(parts), False
-        return None
-    if m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module):
-        block, rest = f"single_blocks.{m.group(1)}.", m.group(2)
-        if rest in _SINGLE_PLAIN:
-            return block + _SINGLE_PLAIN[rest], 0, 1, False
-        for fused, parts in _SINGLE_FUSED.items():
-            if rest in parts:
-                return block + fused, parts.index(rest), len(parts), False
-        return None
+    for pattern, original, plain, fused_layers in _LORA_BLOCKS:
+        if m := re.fullmatch(pattern, module):
+            block, rest = f"{original}.{m.group(1)}.", m.group(2)
+            if rest in plain:
+                return block + plain[rest], 0, 1, False
+            for fused, parts in fused_layers.items():
+                if rest in parts:
+                    return block + fused, parts.index(rest), len(parts), False
+            return None
     if m := re.fullmatch(r"time_text_embed\.(\w+)\.(linear_[12])", module):
         if m.group(1) in _EMBEDDERS:
             return f"{_EMBEDDERS[m.group(1)]}.{_EMBEDDER_LAYERS[m.group(2)]}", 0, 1, False
@@ -305,7 +225,7 @@ def flux_kohya_lora_state_dict(peft_lora: Mapping[str, Tensor], *, scale: float 
         if scale != 1.0:
             up = up * scale
         if swap:
-            up = _swap_halves(up)
+            up = swap_halves(up)
         name = "lora_unet_" + original.replace(".", "_")
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()

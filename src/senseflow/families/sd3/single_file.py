@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from senseflow.families.flux.single_file import KeyMover
+from senseflow.families.single_file_keys import KeyMover
 
 __all__ = ["ORIGINAL_PREFIX", "sd3_diffusers_lora_state_dict", "sd3_original_state_dict"]
 
@@ -112,25 +112,18 @@ def sd3_original_state_dict(
     for i in range(num_layers):
         src, dst = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
         last = i == num_layers - 1
-        for s, d in _BLOCK.items():
-            conv.module(src + s, dst + d)
+        conv.modules(src, dst, _BLOCK)
         conv.module(src + "norm1_context.linear", dst + "context_block.adaLN_modulation.1", swap=last)
         if not last:
-            for s, d in _CONTEXT.items():
-                conv.module(src + s, dst + d)
-        for d, parts in _FUSED.items():
-            conv.fused(tuple(src + p for p in parts), dst + d)
+            conv.modules(src, dst, _CONTEXT)
+        conv.fused_layers(src, dst, _FUSED)
         if qk_norm:
-            for s, d in _QK_NORM.items():
-                conv.module(src + s, dst + d)
+            conv.modules(src, dst, _QK_NORM)
         if i in dual:
-            for s, d in _DUAL.items():
-                conv.module(src + s, dst + d)
-            for d, parts in _DUAL_FUSED.items():
-                conv.fused(tuple(src + p for p in parts), dst + d)
+            conv.modules(src, dst, _DUAL)
+            conv.fused_layers(src, dst, _DUAL_FUSED)
             if qk_norm:
-                for s, d in _DUAL_QK_NORM.items():
-                    conv.module(src + s, dst + d)
+                conv.modules(src, dst, _DUAL_QK_NORM)
 
     out = conv.finish("SD3 transformer")
     return {prefix + k: v for k, v in out.items()} if prefix else out
