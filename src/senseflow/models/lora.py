@@ -14,8 +14,8 @@ copies of full fine-tuning do.
   for the teacher) for the duration of the call, and its ``parameters()`` are that adapter's own,
   so an optimiser built from a view trains only that adapter.
 * :func:`use_adapter`: the same switch as a context manager.
-* :func:`enable_lora_gradient_checkpointing` / :func:`lora_checkpoint`: gradient checkpointing that
-  recomputes each block with the adapter that was active when the block ran forward (see below).
+* ``models/lora_checkpoint.py``: gradient checkpointing that recomputes each block with the adapter
+  that was active when the block ran forward (see below).
 * :func:`adapter_state_dict` / :func:`load_adapter_state_dict`: one adapter's tensors only, in the
   key layout of peft's ``get_peft_model_state_dict`` (safetensors-compatible).
 * :func:`base_fingerprint`: a hash of every non-LoRA tensor, to check that the base stays
@@ -49,7 +49,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from senseflow.config.schema import LORA_TARGET_MODULES
 
@@ -63,9 +62,7 @@ __all__ = [
     "adapter_state_dict",
     "attach_lora",
     "base_fingerprint",
-    "enable_lora_gradient_checkpointing",
     "load_adapter_state_dict",
-    "lora_checkpoint",
     "lora_layers",
     "matching_modules",
     "use_adapter",
@@ -496,32 +493,3 @@ def base_fingerprint(base: nn.Module) -> str:
         digest.update(f"{name}|{local.dtype}|{tuple(local.shape)}|".encode())
         digest.update(data.numpy().tobytes())
     return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------- gradient checkpointing
-
-
-def lora_checkpoint(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """``torch.utils.checkpoint.checkpoint`` (non-reentrant) of ``module(*args, **kwargs)`` whose
-    recompute runs with the adapter state ``module``'s LoRA layers had at forward time.
-
-    The signature is diffusers' ``gradient_checkpointing_func``; see
-    :func:`enable_lora_gradient_checkpointing`."""
-    layers = lora_layers(module)
-    if not layers:
-        return checkpoint(module.__call__, *args, use_reentrant=False, **kwargs)
-    at_forward = [_state(layer) for layer in layers]
-
-    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _states_applied(layers, at_forward)
-
-    return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
-
-def enable_lora_gradient_checkpointing(base: nn.Module) -> None:
-    """Turn on diffusers' gradient checkpointing of ``base`` with :func:`lora_checkpoint`, so every
-    block's recompute uses the adapter of its forward, whichever role ran in between."""
-    enable = getattr(base, "enable_gradient_checkpointing", None)
-    if enable is None:
-        raise ValueError(f"{type(base).__name__} has no enable_gradient_checkpointing")
-    enable(gradient_checkpointing_func=lora_checkpoint)

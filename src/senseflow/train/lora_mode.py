@@ -18,7 +18,8 @@ from senseflow.method import check_ida_lora_compatible, ida_lora_update_
 from senseflow.method.ida_lora import lora_module_pairs
 from senseflow.models.adapter import FamilyAdapter, Role
 from senseflow.models.build import build_roles
-from senseflow.models.lora import LoraRole, LoraSettings, attach_lora, enable_lora_gradient_checkpointing
+from senseflow.models.lora import LoraRole, LoraSettings, attach_lora
+from senseflow.models.lora_checkpoint import enable_lora_gradient_checkpointing
 
 ADAPTERS = ("generator", "fake_score")
 
