@@ -23,6 +23,7 @@ import argparse
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from published_folders import CLIP_G, CLIP_L, FLUX_DEV, SD35_LARGE, SD35_MEDIUM, SDXL_UNET, T5_XXL, VAE
+from published_llm_teachers import LLM_TEACHERS, text_config
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 GIB = 1024**3
@@ -62,6 +63,23 @@ def families() -> dict[str, dict[str, int]]:
             "text": clip_l + t5,
             "vae": count(lambda: AutoencoderKL(**VAE, latent_channels=16)),
         },
+        **{name: llm_family(spec) for name, spec in LLM_TEACHERS.items()},
+    }
+
+
+def llm_family(spec: dict) -> dict[str, int]:
+    """The counts of a language-model teacher (published_llm_teachers.py)."""
+    import diffusers
+    import transformers
+
+    _, network_class, network_cfg = spec["network"]
+    vae_class, vae_cfg = spec["vae"]
+    vae_cfg = {**VAE, "latent_channels": 16} if vae_cfg == "flux" else vae_cfg
+    text_class, text_kind, _ = spec["text"]
+    return {
+        "network": count(lambda: getattr(diffusers, network_class)(**network_cfg)),
+        "text": count(lambda: getattr(transformers, text_class)(text_config(text_kind))),
+        "vae": count(lambda: getattr(diffusers, vae_class)(**vae_cfg)),
     }
 
 

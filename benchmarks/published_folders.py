@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from published_llm_teachers import LLM_TEACHERS, text_config
 
 # Published configs of the real teachers' components (the numbers of their config.json files).
 SDXL_UNET = dict(
@@ -241,6 +242,32 @@ def write_teacher(root: Path, name: str) -> Path:
     return folder
 
 
+def write_llm_teacher(root: Path, name: str) -> Path:
+    """A config-only folder of a language-model teacher (published_llm_teachers.py)."""
+    import diffusers
+
+    spec = LLM_TEACHERS[name]
+    folder = root / name
+    index: dict[str, Any] = {"_class_name": spec["pipeline"], "_diffusers_version": diffusers.__version__}
+    component, network_class, network_cfg = spec["network"]
+    _diffusers_config(folder / component, network_class, network_cfg)
+    index[component] = ["diffusers", network_class]
+    vae_class, vae_cfg = spec["vae"]
+    _diffusers_config(folder / "vae", vae_class, {**VAE, **VAE_FLUX} if vae_cfg == "flux" else vae_cfg)
+    index["vae"] = ["diffusers", vae_class]
+    scheduler_class, scheduler_cfg = spec["scheduler"]
+    getattr(diffusers, scheduler_class)(**scheduler_cfg).save_config(folder / "scheduler")
+    index["scheduler"] = ["diffusers", scheduler_class]
+    encoder_class, kind, (tokenizer_class, length) = spec["text"]
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": length}))
+    index["tokenizer"] = ["transformers", tokenizer_class]
+    _transformers_config(folder / "text_encoder", encoder_class, text_config(kind))
+    index["text_encoder"] = ["transformers", encoder_class]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def write_discriminator_folders(root: Path) -> tuple[Path, Path]:
     from transformers import CLIPConfig, Dinov2Config
 
@@ -256,6 +283,7 @@ def write_discriminator_folders(root: Path) -> tuple[Path, Path]:
 def write_all(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     folders = {name: write_teacher(root, name) for name in TEACHERS}
+    folders.update({name: write_llm_teacher(root, name) for name in LLM_TEACHERS})
     folders["dino"], folders["clip"] = write_discriminator_folders(root)
     return folders
 
@@ -323,7 +351,9 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, help="one machine: GPUs per node (default: the three machines)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpu-memory", type=float, default=78.0, help="GiB per GPU (with --gpus)")
-    parser.add_argument("--recipes", nargs="*", default=list(TEACHERS))
+    parser.add_argument(
+        "--recipes", nargs="*", default=list(TEACHERS), help="recipes to plan (also: qwen_image ...)"
+    )
     parser.add_argument(
         "--breakdown", action="store_true", help="also print each recipe's terms per strategy"
     )

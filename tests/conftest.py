@@ -51,3 +51,23 @@ def tiny_sd3_dir(tiny_folder):
 @pytest.fixture
 def tiny_flux_dir(tiny_folder):
     return tiny_folder("flux", "a")
+
+
+@pytest.fixture
+def tiny_qwen_image_dir(tiny_folder):
+    return tiny_folder("qwen_image", "a")
+
+
+@pytest.fixture
+def tiny_flux2_dir(tiny_folder):
+    return tiny_folder("flux2", "a")
+
+
+@pytest.fixture
+def tiny_flux2_klein_dir(tiny_folder):
+    return tiny_folder("flux2_klein", "a")
+
+
+@pytest.fixture
+def tiny_z_image_dir(tiny_folder):
+    return tiny_folder("z_image", "a")

@@ -10,8 +10,19 @@ from PIL import Image
 
 from senseflow.config import load_config
 
-RECIPES = {"sdxl": "sdxl", "sd3": "sd35_large", "flux": "flux_dev"}
+RECIPES = {
+    "sdxl": "sdxl",
+    "sd3": "sd35_large",
+    "flux": "flux_dev",
+    "qwen_image": "qwen_image",
+    "flux2": "flux2_dev",
+    "flux2_klein": "flux2_klein",
+    "z_image": "z_image",
+}
 RESOLUTION = 64
+# Text length of the tiny folders' prompts: 8 tokens, except where the tiny tokenizer spells the
+# pipeline's chat template (most of it kept) in more tokens than the real one, so the prompt starts later.
+TEXT_LENGTH = {"qwen_image": 160}
 
 # What a CPU test changes in a shipped recipe: tiny sizes, float32, adamw (the SD 3.5 / FLUX recipes'
 # 8-bit AdamW needs bitsandbytes and a GPU), the DMD2 head (the VFM discriminator is not built yet).
@@ -58,7 +69,7 @@ def write_image_dataset(folder: Path, n: int = 6) -> Path:
 
 def family_cfg(family: str, teacher: Path, data: Path, out: Path, *extra: str, recipe: str | None = None):
     """The family's shipped recipe (or ``recipe``) on a tiny folder and dataset."""
-    more = [] if family == "sdxl" else ["model.max_sequence_length=8"]
+    more = [] if family == "sdxl" else [f"model.max_sequence_length={TEXT_LENGTH.get(family, 8)}"]
     return load_config(
         recipe or RECIPES[family],
         [f"model.teacher={teacher}", f"data.path={data}", f"output_dir={out}", *SMALL, *more, *extra],

@@ -23,7 +23,7 @@ FOLDERS = {
     "toy": (RECIPE, "tiny_teacher_dir", []),
     **{
         family: (RECIPES[family], f"tiny_{family}_dir", [f"data.resolution={RESOLUTION}"])
-        for family in ("sdxl", "sd3", "flux")
+        for family in ("sdxl", "sd3", "flux", "qwen_image", "flux2", "flux2_klein", "z_image")
     },
 }
 PROMPTS = ["a small red circle", "a large blue square above a small green triangle"]

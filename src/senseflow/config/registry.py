@@ -219,6 +219,57 @@ register_family(
         description="FluxPipeline folders (FLUX.1-dev): packed latents, guidance embedding, CLIP + T5",
     )
 )
+# The next teachers encode prompts with one language model through the stock pipeline's own
+# encode_prompt (chat templates, hidden-layer choices), variable-length embeddings stored with masks.
+_LLM_READS = frozenset({"variant", "allow_download", "text_cache", "max_sequence_length"})
+register_family(
+    FamilySpec(
+        "qwen_image",
+        builder="senseflow.families.qwen_image.adapter:build_qwen_image_adapter",
+        recipe="qwen_image",
+        reads=_LLM_READS | {"negative_prompt"},
+        anchor_units=FLOW_UNITS,
+        guidance_kinds=("cfg",),
+        resolution_multiple=16,
+        description="QwenImagePipeline folders: MMDiT, Qwen2.5-VL text encoder, true CFG with renorm",
+    )
+)
+register_family(
+    FamilySpec(
+        "flux2",
+        builder="senseflow.families.flux2.adapter:build_flux2_adapter",
+        recipe="flux2_dev",
+        reads=_LLM_READS | {"uncond"},
+        anchor_units=FLOW_UNITS,
+        guidance_kinds=("embedding", "cfg"),
+        resolution_multiple=16,
+        description="Flux2Pipeline folders (FLUX.2-dev): Mistral 3 text encoder, guidance embedding",
+    )
+)
+register_family(
+    FamilySpec(
+        "flux2_klein",
+        builder="senseflow.families.flux2.adapter:build_flux2_klein_adapter",
+        recipe="flux2_klein",
+        reads=_LLM_READS | {"allow_distilled_teacher"},
+        anchor_units=FLOW_UNITS,
+        guidance_kinds=("cfg",),
+        resolution_multiple=16,
+        description="Flux2KleinPipeline folders (FLUX.2 klein base): Qwen3 text encoder, CFG",
+    )
+)
+register_family(
+    FamilySpec(
+        "z_image",
+        builder="senseflow.families.z_image.adapter:build_z_image_adapter",
+        recipe="z_image",
+        reads=_LLM_READS | {"negative_prompt", "allow_distilled_teacher"},
+        anchor_units=FLOW_UNITS,
+        guidance_kinds=("cfg",),
+        resolution_multiple=16,
+        description="ZImagePipeline folders (Z-Image): single-stream DiT, Qwen3 text encoder, CFG",
+    )
+)
 
 register_data_kind(
     DataKindSpec(

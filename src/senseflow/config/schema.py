@@ -226,6 +226,22 @@ class ModelConfig(_Section):
             "prompt), or force 'zeros' / 'empty_prompt'."
         ),
     )
+    negative_prompt: str | None = Field(
+        default=None,
+        description=(
+            "The prompt CFG's unconditional branch encodes, as the stock pipeline's negative_prompt (Qwen-"
+            "Image's true CFG runs only with one; its model card uses ' '). None: the branch 'uncond' "
+            "says. Families that read it list it in their registry entry."
+        ),
+    )
+    allow_distilled_teacher: bool = Field(
+        default=False,
+        description=(
+            "Accept a teacher folder that is itself a few-step distillation (FLUX.2 klein's distilled "
+            "models, Z-Image-Turbo). False (default): such a folder is refused with the base model to use, "
+            "since distilling a distilled model's few-step sampler is rarely what is meant."
+        ),
+    )
     anchors: AnchorsConfig = Field(description="Student anchor timesteps (§7).")
     lora: LoraConfig | None = Field(
         default=None,
@@ -279,7 +295,10 @@ class ModelConfig(_Section):
                 "revision", f"family '{self.family}' loads a local folder and has no hub revision; remove it"
             )
         if spec.reads is not None:
-            optional = frozenset({"variant", "allow_download", "text_cache", "max_sequence_length", "uncond"})
+            optional = frozenset(
+                {"variant", "allow_download", "text_cache", "max_sequence_length", "uncond"}
+                | {"negative_prompt", "allow_distilled_teacher"}
+            )
             unread = unread_fields_set(self, spec.reads, frozenset(type(self).model_fields) - optional)
             if unread:
                 raise field_error(

@@ -31,8 +31,10 @@ MODEL_INDEX = "model_index.json"
 # files and weights inside component folders (not the single-file checkpoints some repositories
 # also keep at their root).
 CLIP_MAX_LENGTH = 77  # CLIP's token length, the pipelines' fallback when a folder has no tokenizer config
-# the root README.md is the teacher's model card (its license goes into an export's card)
-HUB_PATTERNS = ["model_index.json", "README.md", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+# the root README.md is the teacher's model card (its license goes into an export's card); tokenizers
+# keep their chat template in chat_template.jinja
+TOKENIZER_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+HUB_PATTERNS = ["model_index.json", "README.md", *(f"*/*{s}" for s in TOKENIZER_SUFFIXES), "*/*.safetensors"]
 
 
 def hub_patterns(variant: str | None) -> list[str]:
@@ -122,7 +124,14 @@ class TeacherFolder:
             return cls.from_pretrained(self.path, subfolder=component, **kwargs)
         if self.index[component][0] == "diffusers":  # a scheduler
             return cls.from_pretrained(self.path, subfolder=component)
-        return cls.from_pretrained(self.path / component)  # a tokenizer
+        try:
+            return cls.from_pretrained(self.path / component)  # a tokenizer or processor
+        except ImportError as exc:  # e.g. FLUX.2-dev's PixtralProcessor needs torchvision
+            missing = " ".join(str(exc).split())[:200]
+            raise ImportError(
+                f"model.teacher: {self.path / component} is a {cls.__name__}, which needs a package that "
+                f"is not installed ({missing}); install it (pip install torchvision for image processors)"
+            ) from None
 
     def fingerprint(self, component: str) -> dict[str, str]:
         """Identity of a component: the weight files this variant loads by
@@ -135,7 +144,7 @@ class TeacherFolder:
             for path in self.weight_files(component):
                 out[path.name] = safetensors_fingerprint(path)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            if path.suffix in (".json", ".txt", ".model") and not path.name.endswith(".index.json"):
+            if path.suffix in TOKENIZER_SUFFIXES and not path.name.endswith(".index.json"):
                 out[str(path.relative_to(folder))] = file_sha256(path)
         return out
 
@@ -158,8 +167,10 @@ class DiffusersAdapter(FamilyAdapter):
         self.device = torch.device("cpu")
         self._vae: nn.Module | None = None
         self._text: dict[str, Any] | None = None
+        self._text_pipeline: Any = None
         self._null: Any = None
         self.zero_uncond = False
+        self.negative_prompt: str | None = None  # model.negative_prompt (families that read it)
 
     def _check_layout(self, folder: TeacherFolder) -> None:
         """One clear error when the folder is another family's (or lacks a component)."""
@@ -219,6 +230,27 @@ class DiffusersAdapter(FamilyAdapter):
     def text_settings(self) -> dict[str, Any]:
         """Settings besides the files that decide the encodings (max lengths, layer choices)."""
         return {}
+
+    def stock_text_pipeline(self) -> Any:
+        """The folder's stock pipeline holding only its tokenizers and text encoders (the other
+        components None), for families whose prompt encoding is the pipeline's own ``encode_prompt``:
+        chat templates, system messages, dropped template tokens and hidden-layer choices then come
+        from diffusers itself, exactly as inference encodes, and are not restated here."""
+        if self._text_pipeline is None:
+            cls = getattr(importlib.import_module("diffusers"), self.PIPELINE)
+            index = self.folder.index
+            parts: dict[str, Any] = {c: None for c, v in index.items() if isinstance(v, list)}
+            parts.update(self.text)
+            self._text_pipeline = cls(**parts)
+        return self._text_pipeline
+
+    def check_not_distilled(self, allowed: bool, base_model: str, distilled: bool) -> None:
+        """Refuse a teacher folder that is itself a few-step distillation, unless the recipe allows it."""
+        if distilled and not allowed:
+            raise ValueError(
+                f"model.teacher: {self.folder.path} is a distilled few-step model; distil the base model "
+                f"({base_model}) instead, or set model.allow_distilled_teacher: true to use this one"
+            )
 
     def text_identity(self) -> dict[str, Any]:
         components = [c for pair in self.TEXT_COMPONENTS for c in pair if self.folder.has(c)]
@@ -337,8 +369,11 @@ class DiffusersAdapter(FamilyAdapter):
         raise ValueError(f"{type(self).__name__} has no ComfyUI LoRA layout")
 
     def uncond_conditioning(self):
-        """One sample of CFG's unconditional branch: the encoded empty prompt, or zeros of its shapes
-        when ``zero_uncond`` (SDXL's ``force_zeros_for_empty_prompt``, or ``model.uncond: zeros``)."""
+        """One sample of CFG's unconditional branch: the encoded ``negative_prompt`` when the recipe sets
+        one, else the encoded empty prompt, or zeros of its shapes when ``zero_uncond`` (SDXL's
+        ``force_zeros_for_empty_prompt``, or ``model.uncond: zeros``)."""
+        if self.negative_prompt is not None:
+            return self.encode_prompts([self.negative_prompt])
         empty = self.encode_prompts([""])
         if not self.zero_uncond:
             return empty

@@ -19,6 +19,7 @@ vocabulary), so nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +48,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-FAMILIES = ("sdxl", "sd3", "flux")
+FAMILIES = ("sdxl", "sd3", "flux", "qwen_image", "flux2", "flux2_klein", "z_image")
 
 # Dtype stored under a weight variant's name (as the hub's fp16 / bf16 variants hold half tensors).
 _VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -109,6 +110,43 @@ def _t5_tokenizer() -> T5TokenizerFast:
     for piece, score in pieces:  # one id per piece, at its first place ("▁a" is a word and a character)
         unique.setdefault(piece, score)
     return T5TokenizerFast(vocab=list(unique.items()), extra_ids=0, model_max_length=512)
+
+
+# ChatML special tokens (the Qwen tokenizers' layout); ``<|endoftext|>`` pads.
+CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# A ChatML chat template written for the tiny tokenizers: the roles' turns, the assistant's opening
+# with ``add_generation_prompt`` and an empty thinking block when ``enable_thinking`` is false (the
+# keyword the Qwen3 pipelines pass). Real folders bring their own template; parity holds for any.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def qwen_tokenizer(max_length: int = 512) -> Any:
+    """A byte-level BPE ``Qwen2Tokenizer`` (the class of Qwen-Image's, FLUX.2 klein's and Z-Image's
+    tokenizers): the 256 byte symbols, merges for a few words, the ChatML special tokens and a chat
+    template."""
+    from transformers import Qwen2Tokenizer
+
+    tokens = list(_bytes_to_unicode().values())
+    merges: list[tuple[str, str]] = []
+    for word in _T5_WORDS:
+        merged = word[0]
+        for part in word[1:]:
+            if (merged, part) not in merges:
+                merges.append((merged, part))
+                tokens.append(merged + part)
+            merged += part
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS[1:])})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,8 +453,27 @@ def _flux(variant: str, seed: int) -> FluxPipeline:
     )
 
 
-_BUILDERS = {"sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
-_VARIANTS = {"sdxl": ("a", "b"), "sd3": ("a", "b"), "flux": ("a", "b")}
+_BUILDERS: dict[str, Any] = {
+    "sdxl": _sdxl,
+    "sd3": _sd3,
+    "flux": _flux,
+    # the later families keep their builders beside their adapters: (variant, seed) -> pipeline
+    "qwen_image": "senseflow.families.qwen_image.tiny:tiny_pipeline",
+    "flux2": "senseflow.families.flux2.tiny:tiny_dev_pipeline",
+    "flux2_klein": "senseflow.families.flux2.tiny:tiny_klein_pipeline",
+    "z_image": "senseflow.families.z_image.tiny:tiny_pipeline",
+}
+
+
+def _builder(family: str) -> Any:
+    builder = _BUILDERS[family]
+    if isinstance(builder, str):
+        module, name = builder.split(":")
+        builder = getattr(importlib.import_module(module), name)
+    return builder
+
+
+_VARIANTS = {f: ("a", "b") for f in FAMILIES}
 
 
 def _unknown(family: str, variant: str) -> ValueError:
@@ -447,7 +504,7 @@ def write_tiny_teacher(
     """
     if variant not in tiny_variants(family):
         raise _unknown(family, variant)
-    pipe = _BUILDERS[family](variant, seed)
+    pipe = _builder(family)(variant, seed)
     dtype = _VARIANT_DTYPES.get(weight_variant or "")
     if dtype is not None:
         pipe.to(dtype=dtype)

@@ -56,6 +56,9 @@ class FamilyAdapter(ABC):
     guidance_kind: Literal["cfg", "embedding"] = "cfg"
     cfg_convention: CfgConvention = "uncond_plus"
     decode_chunk: int = 8  # samples decoded at once; build_adapter sets the recipe's model.decode_chunk
+    # The network has parameters its output never reads (Qwen-Image's last block computes a text
+    # stream nothing uses): DDP must then search for them in every backward.
+    has_unused_parameters: bool = False
 
     # ------------------------------------------------------------------ networks
 
@@ -121,6 +124,11 @@ class FamilyAdapter(ABC):
     def sample_shape(self, resolution: int) -> tuple[int, ...]:
         """Shape of one sample in the model space (latent or pixels) at image ``resolution``."""
 
+    def raw_latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """One sample's raw latent (what ``encode_pixels`` gives and the autoencoder decodes): the model
+        space's shape unless ``to_model`` rearranges it (FLUX.2 cuts it into 2x2 patches)."""
+        return self.sample_shape(resolution)
+
     def null_conditioning(self, n: int) -> Conditioning:
         """The unconditional branch for CFG (the empty prompt unless a family says otherwise)."""
         return self.encode_prompts([""] * n)
@@ -154,7 +162,13 @@ class FamilyAdapter(ABC):
         out = self.forward(net, torch.cat([x_t, x_t]), torch.cat([level, level]), both)
         c, u = out.chunk(2)
         w = scale.view(-1, *([1] * (c.ndim - 1))).to(c.dtype)
-        return combine_guidance(c, u, w, self.cfg_convention)
+        return self.combine_guidance(c, u, w)
+
+    def combine_guidance(self, cond: Tensor, uncond: Tensor, scale: Tensor) -> Tensor:
+        """CFG's combination of the two branches (raw network outputs) in the recipe's convention.
+        A family whose stock pipeline changes the combined output (Qwen-Image rescales it to the
+        conditional branch's norm) overrides this, so training guides the teacher as inference does."""
+        return combine_guidance(cond, uncond, scale, self.cfg_convention)
 
     @abstractmethod
     def sampling_levels(self, steps: int) -> Tensor:

@@ -30,6 +30,15 @@ class Conditioning:
     def select(self, index: Tensor | slice) -> Conditioning:
         return Conditioning({k: v[index] for k, v in self.tensors.items()})
 
+    def trimmed(self, mask: str, names: tuple[str, ...]) -> Conditioning:
+        """Sequences padded to a fixed length (a text cache's rows) cut to the batch's longest valid
+        length. ``mask`` names the [B, L] 0/1 mask of the tensors ``names`` ([B, L, ...]). A masked
+        transformer gives the same output either way; the cut only saves the padded tokens' compute."""
+        valid = self.tensors[mask].bool()
+        length = int(valid.any(dim=0).nonzero().max()) + 1 if valid.any() else 1
+        cut = {k: v[:, :length] if k in names or k == mask else v for k, v in self.tensors.items()}
+        return Conditioning(cut)
+
     def to(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         """Moved to ``device``; floating tensors (not token ids or masks) cast to ``dtype``."""
         return Conditioning(

@@ -1,8 +1,8 @@
 """``senseflow cache-text RECIPE [overrides] [--prompts FILE] [--out DIR]``: run the text encoders once.
 
-The prompts are the recipe's dataset prompts, the empty prompt (CFG's unconditional branch) and
-``logging.sample_prompts``, plus any ``--prompts`` files. A run with ``model.text_cache=DIR`` then
-reads its encodings from the folder and never loads the text encoders.
+The prompts are the recipe's dataset prompts, the empty prompt and ``model.negative_prompt`` (CFG's
+unconditional branch), ``logging.sample_prompts``, and any ``--prompts`` files. A run with
+``model.text_cache=DIR`` then reads its encodings from the folder and never loads the text encoders.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def cmd_cache_text(args: argparse.Namespace) -> None:
         raise ValueError(
             "cache-text: no output folder: pass --out DIR, or set model.text_cache to a folder in the recipe"
         )
-    prompts: list[str] = [""]
+    prompts: list[str] = ["", *([cfg.model.negative_prompt] if cfg.model.negative_prompt else [])]
     if not args.skip_dataset:
         prompts += dataset_prompts(cfg, world=args.world, progress=not args.quiet)
     prompts += list(cfg.logging.sample_prompts)

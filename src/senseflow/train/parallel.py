@@ -115,8 +115,10 @@ def shard(
     return module
 
 
-def wrap(module: nn.Module, role: Role, strategy: str) -> nn.Module:
-    """What the trainer calls for a network whose backward must synchronise gradients."""
+def wrap(module: nn.Module, role: Role, strategy: str, unused_parameters: bool = False) -> nn.Module:
+    """What the trainer calls for a network whose backward must synchronise gradients.
+    ``unused_parameters``: the network has parameters its output never reads (the adapter says so),
+    which DDP must then look for in every backward."""
     if strategy == "none" or not dist.is_initialized() or role == "teacher" or is_sharded(role, strategy):
         return module
-    return nn.parallel.DistributedDataParallel(module)
+    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=unused_parameters)

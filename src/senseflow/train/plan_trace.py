@@ -337,7 +337,7 @@ def measure_iteration(
     )[1]
     decode_grad = decode = d_gen = d_turn = None
     if vae is not None:
-        shape = adapter.sample_shape(resolution)
+        shape = adapter.raw_latent_shape(resolution)
         decode_grad = fit_pass(lambda b: decode_pass(vae, shape, b, True))[1]
         decode = fit_pass(lambda b: decode_pass(vae, shape, b, False))[1]
     if disc is not None:

@@ -85,8 +85,9 @@ class Distiller:
         self.discriminator = build_discriminator(cfg.method.gan, self.adapter, self.fake_score)
         strategy = cfg.parallel.strategy
         # FSDP2 shards in place (the *_ddp names then hold the modules themselves); DDP wraps.
-        self.generator_ddp = wrap(self.generator, "generator", strategy)
-        self.fake_ddp = wrap(self.fake_score, "fake_score", strategy)
+        unused = self.adapter.has_unused_parameters
+        self.generator_ddp = wrap(self.generator, "generator", strategy, unused)
+        self.fake_ddp = wrap(self.fake_score, "fake_score", strategy, unused)
         o = cfg.optim
         self.optimizers = {
             "generator": build_optimizer(self.generator.parameters(), o.generator),
@@ -342,10 +343,18 @@ class Distiller:
                 self.optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
         for name in names:
+            optimizer = self.optimizers[name]
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            # A parameter the output never reads (adapter.has_unused_parameters: a double-stream DiT
+            # whose last block still computes a text stream) gets no gradient, so AdamW would keep no
+            # state for it, while torch's state-dict loader on resume creates one for every parameter:
+            # its first update gets a zero gradient (zero moments, so no step beyond weight decay).
+            for p in params:
+                if p.grad is None and p.requires_grad and p not in optimizer.state:
+                    p.grad = torch.zeros_like(p)
             if self.clips[name] is not None:
-                params = [p for group in self.optimizers[name].param_groups for p in group["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.clips[name])
-            self.optimizers[name].step()
+            optimizer.step()
             self.schedulers[name].step()
 
     # ------------------------------------------------------------------ state, checkpoints, loop

@@ -1,0 +1,1 @@
+"""Qwen-Image (``QwenImagePipeline`` folders): the adapter and its tiny test folders."""

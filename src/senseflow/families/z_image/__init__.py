@@ -1,0 +1,1 @@
+"""Z-Image (``ZImagePipeline`` folders): the adapter and tiny test folders."""
