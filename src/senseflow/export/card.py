@@ -111,7 +111,7 @@ def model_card(info: CardInfo) -> str:
         f"| plain call walks | {_numbers(info.sampler.default_walk)} (max difference "
         f"{info.sampler.deviation:.2g}) |",
         f"| exact call adds | {_call(info.sampler)} |",
-        "| guidance | none: the student is CFG-free (`guidance_scale` as in the call above) |",
+        "| guidance | none: the student is CFG-free (the call above turns the pipeline's guidance off) |",
         f"| weights dtype | {info.dtype} |",
         "",
         *[f"- {note}" for note in info.notes],
