@@ -382,3 +382,13 @@ def test_loader_is_schema_agnostic(tmp_path: Path) -> None:
     assert load_config(out, schema=Other) == cfg
     msg = error_of(tmp_path / "child.yaml", ["inner.stps=3"], schema=Other)
     assert "inner.stps" in msg and "did you mean 'steps'?" in msg
+
+
+@pytest.mark.parametrize("recipe", ["sdxl", "dmd2_sdxl", "sd35_large", "sd35_medium", "flux_dev"])
+def test_official_recipes_update_the_generator_at_the_end_of_each_ttur_period(recipe: str) -> None:
+    # every official trainer counts iterations from 1 and steps G when the count is a multiple of k
+    assert load_config(recipe).method.ttur_generator_turn == "period_end"
+
+
+def test_the_toy_recipe_keeps_the_schedule_its_measured_results_used() -> None:
+    assert load_config("toy/distill").method.ttur_generator_turn == "period_start"

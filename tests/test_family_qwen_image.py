@@ -155,6 +155,20 @@ def test_folders_and_settings_this_family_refuses(tiny_folder, tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": True}))
     with pytest.raises(ValueError, match=r"guidance_embeds: True.*\(guidance_embeds: False\)"):
         build_adapter(load_config("qwen_image", [f"model.teacher={distilled}"]))
+    edit = tmp_path / "edit"
+    shutil.copytree(folder, edit)
+    index = edit / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "QwenImageEditPipeline"}))
+    with pytest.raises(ValueError, match=r"QwenImageEditPipeline folder .* reads QwenImagePipeline folders"):
+        build_adapter(load_config("qwen_image", [f"model.teacher={edit}"]))
+    # without its text encoder, live encoding names the folder, the component and the text cache
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    index = bare / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "text_encoder": [None, None]}))
+    adapter = build_adapter(load_config("qwen_image", [f"model.teacher={bare}"]))
+    with pytest.raises(ValueError, match=r"model\.teacher: .* has no text_encoder.*model\.text_cache"):
+        adapter.encode_prompts(["a red cat"])
     # a family that does not read model.negative_prompt refuses it in the recipe
     with pytest.raises(ConfigError, match=r"negative_prompt: family 'sd3' does not read it"):
         load_config("sd35_large", ["model.negative_prompt=ugly"])

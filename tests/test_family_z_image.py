@@ -262,3 +262,25 @@ def test_the_exported_folder_runs_the_student_in_the_stock_pipeline(run, tmp_pat
     if mode == "euler":  # the folder loads as a student again and samples what the run's student does
         again = Student.from_export(out).sample(PROMPTS[:1], [7], mode=mode)
         torch.testing.assert_close(again, student.sample(PROMPTS[:1], [7], mode=mode), rtol=1e-4, atol=1e-4)
+
+
+def test_the_dmd2_head_reads_the_image_tokens_only(tiny_folder):
+    """Z-Image's blocks hold the caption and padding after the image: a head on them must not make a
+    sample's logit depend on the other captions of its batch."""
+    from senseflow.models.discriminators import FakeScoreHeadDiscriminator
+
+    adapter = _adapter(tiny_folder("z_image", "a"))
+    fake = build_networks(adapter).fake_score
+    torch.manual_seed(0)
+    head = FakeScoreHeadDiscriminator(adapter, fake)
+    prompts = ["a red cat", "a photo of the dog on the green blue and the red cat with a dog in the photo"]
+    cond = adapter.encode_prompts(prompts)
+    assert len(set(cond.tensors["prompt_mask"].sum(1).tolist())) == 2  # captions of different lengths
+    x = torch.randn(2, *adapter.sample_shape(RESOLUTION), generator=torch.Generator().manual_seed(3))
+    level, noise = torch.tensor([0.5, 0.5]), torch.randn_like(x)
+    with torch.no_grad():
+        both = head(x, cond, level, noise)
+        alone = head(x[:1], cond.select(slice(0, 1)), level[:1], noise[:1])
+        tokens = head.features(adapter.param.add_noise(x, noise, level), level, cond)
+    assert tokens.shape[1] == (x.shape[-2] // 2) * (x.shape[-1] // 2)
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)

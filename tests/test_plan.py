@@ -270,7 +270,9 @@ def test_the_vfm_discriminator_and_one_trainer_iteration(tiny_folder, data, tmp_
 
     dino, clip = write_tiny_dinov2(tmp_path / "dino", layers=2), write_tiny_clip(tmp_path / "clip")
     vfm = ["method.gan.type=vfm", f"method.gan.backbone={dino}", f"method.gan.text_encoder={clip}"]
-    cfg = recipe(tiny_folder, data, tmp_path, "sd3", "fp32", "fp32", *vfm, "method.gan.feature_blocks=[1]")
+    # G's turn first (period_start), so the second measured iteration has every optimiser's state
+    turns = ["method.gan.feature_blocks=[1]", "method.ttur_generator_turn=period_start"]
+    cfg = recipe(tiny_folder, data, tmp_path, "sd3", "fp32", "fp32", *vfm, *turns)
     none = plan_for(analyse(cfg)).strategy("none")
     # counted: D's heads, its backbone and CLIP tower (no text cache), the heads' gradients and states
     disc = build_vfm(cfg.method.gan, None, None)

@@ -363,3 +363,29 @@ def test_checkpoints_with_index_keyed_optimiser_states_still_resume(tiny_teacher
     cfg = _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest", *WHOLE)
     Distiller(cfg, progress=False).run()
     _assert_identical(_weights(straight, 6), _weights(split, 6))
+
+
+@pytest.mark.parametrize(("turn", "expected"), [("period_end", [2, 5]), ("period_start", [0, 3, 6])])
+def test_the_generator_updates_on_the_recipes_ttur_turns(tiny_teacher_dir, tmp_path, turn, expected):
+    """period_end is the official loop's schedule: its iteration count starts at 1 and G steps when the
+    count is a multiple of k, i.e. after k - 1 fake-score updates."""
+    official = [i - 1 for i in range(1, 8) if i % 3 == 0]
+    assert (official == expected) == (turn == "period_end")
+    cfg = _cfg(
+        tiny_teacher_dir,
+        tmp_path,
+        "schedule.iterations=7",
+        "logging.every=1",
+        "method.ttur_ratio=3",
+        f"method.ttur_generator_turn={turn}",
+    )
+    run = Distiller(cfg, progress=False)
+    moved = []
+    for n in range(7):
+        before = {k: v.clone() for k, v in run.generator.state_dict().items()}
+        logs = run.train_step()
+        changed = any(not torch.equal(before[k], v) for k, v in run.generator.state_dict().items())
+        assert bool(logs["generator_turn"]) == changed == ("loss_dmd" in logs), n
+        if changed:
+            moved.append(n)
+    assert moved == expected

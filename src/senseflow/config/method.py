@@ -318,6 +318,15 @@ class MethodConfig(_Section):
             "10 SD3.5 M (§2)."
         ),
     )
+    ttur_generator_turn: Literal["period_end", "period_start"] = Field(
+        default="period_end",
+        description=(
+            "Which iteration of each TTUR period updates G: period_end = iterations k-1, 2k-1, ... "
+            "(0-based), after k-1 fake-score updates, as the official trainers (their iteration count "
+            "starts at 1 and G steps when it is a multiple of k); period_start = 0, k, 2k, ... (G "
+            "before the fake score has trained; earlier senseflow versions, kept by the toy recipe)."
+        ),
+    )
     backward_sim_prob: float = Field(
         default=0.5,
         ge=0.0,

@@ -237,6 +237,13 @@ class DiffusersAdapter(FamilyAdapter):
         chat templates, system messages, dropped template tokens and hidden-layer choices then come
         from diffusers itself, exactly as inference encodes, and are not restated here."""
         if self._text_pipeline is None:
+            missing = [c for pair in self.TEXT_COMPONENTS for c in pair if not self.folder.has(c)]
+            if missing:
+                raise ValueError(
+                    f"model.teacher: {self.folder.path} has no {' or '.join(missing)}, which "
+                    f"{self.PIPELINE} encodes prompts with; use a complete folder, or a text cache "
+                    "written from one (model.text_cache)"
+                )
             cls = getattr(importlib.import_module("diffusers"), self.PIPELINE)
             index = self.folder.index
             parts: dict[str, Any] = {c: None for c, v in index.items() if isinstance(v, list)}

@@ -22,7 +22,7 @@ would otherwise branch on:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -44,10 +44,14 @@ NETWORK_ROLES: tuple[Role, ...] = ("teacher", "generator", "fake_score")
 
 @dataclass(frozen=True)
 class FeatureTap:
-    """A block whose output a discriminator head may read, with the width of its features."""
+    """A block whose output a discriminator head may read, with the width of its features.
+
+    ``image_tokens`` is for single-stream blocks whose sequence also holds caption and padding
+    tokens: given the model-space input, how many leading tokens are the image's (None: all are)."""
 
     module: nn.Module
     width: int
+    image_tokens: Callable[[Tensor], int] | None = None
 
 
 class FamilyAdapter(ABC):

@@ -251,7 +251,8 @@ class FakeScoreHeadDiscriminator(nn.Module):
         """Image tokens [B, N, C] of the hooked block of the fake score at ``x_t``."""
         fake = self.fake_score
         captured: list[Tensor] = []
-        hook = self.adapter.feature_taps(fake)[self.feature_block].module.register_forward_hook(
+        tap = self.adapter.feature_taps(fake)[self.feature_block]
+        hook = tap.module.register_forward_hook(
             lambda _module, _inputs, output: captured.append(_tokens(output))
         )
         weights = nullcontext() if self._fake_weights_in_graph else _weights_frozen(fake)
@@ -260,6 +261,8 @@ class FakeScoreHeadDiscriminator(nn.Module):
                 self.adapter.forward(fake, x_t, level, cond)
         finally:
             hook.remove()
+        if tap.image_tokens is not None:  # a single-stream block: leave out caption and padding tokens
+            return captured[0][:, : tap.image_tokens(x_t)]
         return captured[0]
 
     def forward(self, x: Tensor, cond: Conditioning, level: Tensor, noise: Tensor) -> Tensor:

@@ -61,6 +61,11 @@ def disc_conditioning(disc, batch: Batch, cond: Conditioning, real_pixels) -> Co
     return cond if own is None else own(batch.prompts, cond, real_pixels)
 
 
+def is_generator_turn(n: int, ratio: int, turn: str) -> bool:
+    """Whether 0-based iteration ``n`` updates the generator under TTUR with period ``ratio``."""
+    return (n + 1) % ratio == 0 if turn == "period_end" else n % ratio == 0
+
+
 class Distiller:
     def __init__(self, cfg: DistillConfig, progress: bool = True):
         check_supported(cfg)
@@ -272,7 +277,7 @@ class Distiller:
         everyone, d = self.draws(n, tuple(x_real.shape[1:]))
         x_in = step.generator_input(x_real, d, cond, rollout_steps=everyone.rollout_steps())
         level_j = self.levels[d.anchor_index]
-        generator_turn = n % cfg.method.ttur_ratio == 0
+        generator_turn = is_generator_turn(n, cfg.method.ttur_ratio, cfg.method.ttur_generator_turn)
         out_in, x0 = step.generator_output(x_in, level_j, cond, train=generator_turn)
         logs: dict[str, float] = {"iteration": n, "generator_turn": float(generator_turn)}
         losses: dict[str, Tensor] = {}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
@@ -78,6 +79,12 @@ class QwenImageAdapter(DiffusersAdapter):
         text_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(folder, text_dtype)
+        kind = folder.index.get("_class_name") or self.PIPELINE
+        if kind != self.PIPELINE and kind.startswith("QwenImage"):  # e.g. QwenImageEditPipeline
+            raise ValueError(
+                f"model.teacher: {folder.path} is a {kind} folder (another Qwen-Image task, with its own "
+                f"components); qwen_image reads {self.PIPELINE} folders of the text-to-image model"
+            )
         for key, expected in BASE_NETWORK_SETTINGS.items():
             if self.network_config.get(key, expected) != expected:
                 raise ValueError(
@@ -162,6 +169,7 @@ class QwenImageAdapter(DiffusersAdapter):
         template = bare.prompt_template_encode.encode("utf-8")
         return {
             "max_sequence_length": self.max_sequence_length,
+            "diffusers": diffusers.__version__,  # its encode_prompt decides the encoding (layer, lengths)
             "template_sha256": hashlib.sha256(template).hexdigest()[:16],
             "template_drop": bare.prompt_template_encode_start_idx,
         }

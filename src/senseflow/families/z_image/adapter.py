@@ -175,10 +175,16 @@ class ZImageAdapter(DiffusersAdapter):
         return -torch.stack(out).squeeze(2)
 
     def feature_taps(self, net: nn.Module) -> Sequence[FeatureTap]:
-        """The main single-stream blocks at the model width; their tokens are the image's and the
-        caption's (the pipeline's basic mode: image tokens first)."""
+        """The main single-stream blocks at the model width. Their sequence is the image's patches
+        first, then the caption and padding to the batch's longest: a head reads the patches only,
+        so a sample's features do not depend on the other captions in its batch."""
         width = int(net.config["dim"])
-        return [FeatureTap(block, width) for block in net.layers]
+        patch = int(net.config["all_patch_size"][0])
+
+        def image_tokens(x_t: Tensor) -> int:
+            return (x_t.shape[-2] // patch) * (x_t.shape[-1] // patch)
+
+        return [FeatureTap(block, width, image_tokens) for block in net.layers]
 
     # ------------------------------------------------------------------ the folder's sampler
 
