@@ -392,3 +392,15 @@ def test_official_recipes_update_the_generator_at_the_end_of_each_ttur_period(re
 
 def test_the_toy_recipe_keeps_the_schedule_its_measured_results_used() -> None:
     assert load_config("toy/distill").method.ttur_generator_turn == "period_start"
+
+
+def test_flux_and_sd35_recipes_carry_their_official_configs() -> None:
+    """configs/FLUX/flux_senseflow.yaml and configs/SD35/sd35_senseflow.yaml of the official code, with
+    its trainers building every optimiser at LR 1.0 under the config's schedule."""
+    flux = load_config("flux_dev")
+    assert (flux.seed, flux.checkpoint.every, flux.optim.warmup_steps) == (71801, 1500, 500)
+    lrs = {flux.optim.generator.lr, flux.optim.fake.lr, flux.optim.discriminator.lr}
+    assert lrs == {1e-5} and flux.optim.warmup_start_factor * 1e-5 == pytest.approx(5e-6)
+    sd35 = load_config("sd35_large")
+    assert (sd35.seed, sd35.checkpoint.every, sd35.optim.warmup_start_factor) == (71801, 3000, 1.0)
+    assert {sd35.optim.generator.lr, sd35.optim.fake.lr, sd35.optim.discriminator.lr} == {1e-6}

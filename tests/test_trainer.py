@@ -389,3 +389,27 @@ def test_the_generator_updates_on_the_recipes_ttur_turns(tiny_teacher_dir, tmp_p
         if changed:
             moved.append(n)
     assert moved == expected
+
+
+def test_every_optimiser_warms_up_per_iteration_as_the_official_scheduler(tiny_teacher_dir, tmp_path):
+    """LambdaWarmUpConstantScheduler's values (lr_start -> lr_max over the warm-up, then lr_max),
+    stepped once per iteration for G, the fake score and D alike, G's off-turns included."""
+    warm, start = 4, 0.5
+    cfg = _cfg(
+        tiny_teacher_dir,
+        tmp_path,
+        "schedule.iterations=6",
+        "method.ttur_ratio=3",
+        f"optim.warmup_steps={warm}",
+        f"optim.warmup_start_factor={start}",
+    )
+    run = Distiller(cfg, progress=False)
+    peaks = {"generator": cfg.optim.generator.lr, "fake_score": cfg.optim.fake.lr}
+    peaks["discriminator"] = cfg.optim.discriminator.lr
+    assert set(run.optimizers) == set(peaks)
+    for n in range(6):
+        for name, peak in peaks.items():
+            lr_start = start * peak
+            expected = (peak - lr_start) / warm * n + lr_start if n < warm else peak
+            assert run.optimizers[name].param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12), (n, name)
+        run.train_step()

@@ -65,15 +65,20 @@ class OptimConfig(_Section):
         ),
     )
     warmup_steps: NonNegativeInt = Field(
-        default=500, description="Linear LR warm-up steps (>= 0); 500 in the code (§9)."
+        default=500,
+        description=(
+            "Linear LR warm-up iterations (>= 0); 500 in the code (§9). Every optimiser's LR at 0-based "
+            "iteration n is lr * (start + (1 - start) * n / warmup_steps) before it, lr after: counted "
+            "in iterations (the official schedulers step every iteration), not in a network's updates."
+        ),
     )
     warmup_start_factor: float = Field(
         default=1.0,
         ge=0.0,
         le=1.0,
         description=(
-            "LR at the start of warm-up as a fraction of the LR. The code starts at the maximum (1.0), "
-            "so its 500-step warm-up is a constant LR (§9)."
+            "LR at the start of warm-up as a fraction of the LR (start). SDXL's and SD 3.5's configs start "
+            "at the maximum (1.0: a constant LR); FLUX's goes from 5e-6 to 1e-5 (0.5) (§9)."
         ),
     )
 

@@ -61,6 +61,12 @@ def disc_conditioning(disc, batch: Batch, cond: Conditioning, real_pixels) -> Co
     return cond if own is None else own(batch.prompts, cond, real_pixels)
 
 
+def warmup_factor(n: int, steps: int, start: float) -> float:
+    """The LR multiplier at 0-based iteration ``n``: linear from ``start`` to 1 over ``steps``
+    iterations, then 1 (the official LambdaWarmUpConstantScheduler, whose values are start and peak)."""
+    return start + (1 - start) * n / steps if n < steps else 1.0
+
+
 def is_generator_turn(n: int, ratio: int, turn: str) -> bool:
     """Whether 0-based iteration ``n`` updates the generator under TTUR with period ``ratio``."""
     return (n + 1) % ratio == 0 if turn == "period_end" else n % ratio == 0
@@ -109,9 +115,7 @@ class Distiller:
             self.clips["discriminator"] = o.discriminator.clip_grad
         warm, start = o.warmup_steps, o.warmup_start_factor
         self.schedulers = {
-            k: torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: start + (1 - start) * min(1.0, (s + 1) / warm) if warm else 1.0
-            )
+            k: torch.optim.lr_scheduler.LambdaLR(opt, lambda n: warmup_factor(n, warm, start))
             for k, opt in self.optimizers.items()
         }
         self.anchor_levels = self.param.anchor_levels(self.adapter.anchors).to(self.device)
@@ -322,6 +326,8 @@ class Distiller:
             logs.update(image_stats(decoded, cfg.health))
         self.guard.end_iteration(self._non_finite(losses), n)
         self.last_losses.update({k: v for k, v in logs.items() if k.startswith("loss_")})
+        for scheduler in self.schedulers.values():  # every iteration, as the official trainers, so the
+            scheduler.step()  # warm-up counts iterations, not each network's own updates
         self.iteration += 1
         return logs
 
@@ -360,7 +366,6 @@ class Distiller:
             if self.clips[name] is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.clips[name])
             optimizer.step()
-            self.schedulers[name].step()
 
     # ------------------------------------------------------------------ state, checkpoints, loop
 
