@@ -36,38 +36,3 @@ def tiny_folder(tmp_path_factory):
         return made[family, variant]
 
     return get
-
-
-@pytest.fixture
-def tiny_sdxl_dir(tiny_folder):
-    return tiny_folder("sdxl", "a")
-
-
-@pytest.fixture
-def tiny_sd3_dir(tiny_folder):
-    return tiny_folder("sd3", "a")
-
-
-@pytest.fixture
-def tiny_flux_dir(tiny_folder):
-    return tiny_folder("flux", "a")
-
-
-@pytest.fixture
-def tiny_qwen_image_dir(tiny_folder):
-    return tiny_folder("qwen_image", "a")
-
-
-@pytest.fixture
-def tiny_flux2_dir(tiny_folder):
-    return tiny_folder("flux2", "a")
-
-
-@pytest.fixture
-def tiny_flux2_klein_dir(tiny_folder):
-    return tiny_folder("flux2_klein", "a")
-
-
-@pytest.fixture
-def tiny_z_image_dir(tiny_folder):
-    return tiny_folder("z_image", "a")

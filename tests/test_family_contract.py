@@ -11,6 +11,7 @@ import torch
 
 from senseflow.config import load_config
 from senseflow.config.registry import available
+from senseflow.families.tiny import FAMILIES
 from senseflow.models import build_adapter
 from senseflow.models.adapter import NETWORK_ROLES
 from senseflow.models.batch import Batch
@@ -18,13 +19,11 @@ from senseflow.models.build import build_empty, build_networks, build_roles
 from tests.family_helpers import RECIPES, RESOLUTION
 from tests.trainer_helpers import RECIPE
 
-# family -> (recipe, fixture name of a tiny teacher folder of that family, overrides)
+# family -> (recipe, overrides); the toy family's folder is the tiny trained teacher, the others' the
+# tiny_folder fixture's variant "a"
 FOLDERS = {
-    "toy": (RECIPE, "tiny_teacher_dir", []),
-    **{
-        family: (RECIPES[family], f"tiny_{family}_dir", [f"data.resolution={RESOLUTION}"])
-        for family in ("sdxl", "sd3", "flux", "qwen_image", "flux2", "flux2_klein", "z_image")
-    },
+    "toy": (RECIPE, []),
+    **{family: (RECIPES[family], [f"data.resolution={RESOLUTION}"]) for family in FAMILIES},
 }
 PROMPTS = ["a small red circle", "a large blue square above a small green triangle"]
 
@@ -35,8 +34,11 @@ def test_every_buildable_family_has_a_contract_fixture():
 
 @pytest.fixture(params=sorted(FOLDERS))
 def family(request):
-    recipe, fixture, overrides = FOLDERS[request.param]
-    folder = request.getfixturevalue(fixture)
+    recipe, overrides = FOLDERS[request.param]
+    if request.param == "toy":
+        folder = request.getfixturevalue("tiny_teacher_dir")
+    else:
+        folder = request.getfixturevalue("tiny_folder")(request.param, "a")
     cfg = load_config(recipe, [f"model.teacher={folder}", "data.batch_size=2", *overrides])
     return cfg, build_adapter(cfg)
 

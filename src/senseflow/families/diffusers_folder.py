@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from senseflow.models.adapter import FamilyAdapter, Role
+from senseflow.models.adapter import FamilyAdapter, Role, V
 from senseflow.models.build import safetensors_files
 from senseflow.models.hub import file_sha256, resolve_pretrained, safetensors_fingerprint
+
+log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
 # Files a diffusers pipeline needs from the hub: the index, every component's configs, tokenizer
@@ -385,3 +388,40 @@ class DiffusersAdapter(FamilyAdapter):
         if not self.zero_uncond:
             return empty
         return type(empty)({k: torch.zeros_like(v) for k, v in empty.tensors.items()})
+
+
+class GuidanceFreeStudent:
+    """For a teacher with a guidance embedding (FLUX.1-dev, FLUX.2-dev), mixed in before the family's
+    adapter: the generator and fake score are built from the same config with ``guidance_embeds=False``
+    and start from the teacher's weights minus the embedder (keys under ``GUIDANCE_EMBEDDER``), which
+    are named in ``dropped_keys`` and logged. The teacher keeps its embedding."""
+
+    GUIDANCE_EMBEDDER: str = ""  # the embedder's key prefix in the network's state dict
+    GUIDANCE_DEFAULT: bool = False  # the class's guidance_embeds when a config leaves it out
+    network_config: dict[str, Any]
+    dropped_keys: list[str]
+
+    @property
+    def teacher_has_guidance(self) -> bool:
+        return bool(self.network_config.get("guidance_embeds", self.GUIDANCE_DEFAULT))
+
+    def folder_guidance_kind(self) -> str:
+        # the stock pipeline guides by the embedding, or not at all
+        return "embedding" if self.teacher_has_guidance else "none"
+
+    def network_spec(self, role: Role) -> tuple[type[nn.Module], dict[str, Any]]:
+        cls, config = super().network_spec(role)  # type: ignore[misc]
+        if role != "teacher":
+            config["guidance_embeds"] = False
+        return cls, config
+
+    def initial_weights(self, role: Role, teacher: dict[str, V]) -> dict[str, V]:
+        """The teacher's entries; for the guidance-free roles without the guidance embedder."""
+        if role == "teacher" or not self.teacher_has_guidance:
+            return teacher
+        prefix = self.GUIDANCE_EMBEDDER
+        dropped = sorted(k for k in teacher if k.startswith(prefix))
+        if dropped:
+            self.dropped_keys = dropped
+            log.info("%s starts without the guidance embedding; dropped: %s", role, ", ".join(dropped))
+        return {k: v for k, v in teacher.items() if not k.startswith(prefix)}

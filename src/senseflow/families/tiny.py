@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised SDXL / SD 3.5 / FLUX.1 teachers in the stock diffusers folder layout.
+"""Tiny, randomly initialised teachers of every family in the stock diffusers folder layout.
 
 Tests and benchmarks need teacher folders that the stock pipelines (``StableDiffusionXLPipeline``,
 ``StableDiffusion3Pipeline``, ``FluxPipeline``) and the project's own loaders read exactly as they
@@ -9,11 +9,12 @@ file names are the real ones; only the sizes are tiny.
 Every family has at least two variants with different, non-default configs (latent channels, VAE
 factor, scaling and shift factors, text-encoder widths, scheduler settings, network shapes), so a
 loader that assumes any of them instead of reading the folder fails on one. The prediction types
-used are ``epsilon`` (SDXL "a"), ``v_prediction`` (SDXL "b") and flow matching (SD3, FLUX).
+used are ``epsilon`` (SDXL "a"), ``v_prediction`` (SDXL "b") and flow matching (the others). SDXL,
+SD 3.5 and FLUX.1 are built here; the language-model families' builders sit in
+``families/<family>/tiny.py``.
 
-The tokenizers are real ``CLIPTokenizer`` / ``T5TokenizerFast`` objects built from vocabularies
-written here (a byte-level BPE with the 512 byte symbols and a few merges; a hand-made Unigram
-vocabulary), so nothing is downloaded.
+The tokenizers are real ``CLIPTokenizer`` / ``T5TokenizerFast`` / ``Qwen2Tokenizer`` objects built
+offline from vocabularies written in ``tiny_tokenizers.py``, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -48,106 +49,12 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from senseflow.families.tiny_tokenizers import clip_tokenizer, t5_tokenizer
+
 FAMILIES = ("sdxl", "sd3", "flux", "qwen_image", "flux2", "flux2_klein", "z_image")
 
 # Dtype stored under a weight variant's name (as the hub's fp16 / bf16 variants hold half tensors).
 _VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Words the CLIP BPE gets merges for, so tokens are not only single bytes.
-_CLIP_WORDS = ("a", "photo", "of", "the", "cat", "dog", "red", "blue", "on", "with")
-# Whole-word pieces of the T5 Unigram vocabulary (any other word falls back to characters).
-_T5_WORDS = ("a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "on", "in", "with", "and")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2 / CLIP byte-to-symbol map: printable bytes map to themselves, the rest upward of U+0100."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            symbols.append(256 + extra)
-            extra += 1
-    return {b: chr(s) for b, s in zip(printable, symbols, strict=True)}
-
-
-def _clip_tokenizer(pad_token: str) -> CLIPTokenizer:
-    """A byte-level CLIP BPE with the real vocabulary's layout: bytes, bytes + ``</w>``, merges, specials."""
-    byte_symbols = list(_bytes_to_unicode().values())
-    tokens = [*byte_symbols, *(s + "</w>" for s in byte_symbols)]
-    merges: list[tuple[str, str]] = []
-    for word in _CLIP_WORDS:
-        parts = [*word[:-1], word[-1] + "</w>"]
-        merged = parts[0]
-        for part in parts[1:]:
-            pair = (merged, part)
-            merged += part
-            if pair not in merges:
-                merges.append(pair)
-                tokens.append(merged)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
-
-
-def _t5_tokenizer() -> T5TokenizerFast:
-    """A T5 Unigram tokenizer (ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2) over words and single characters."""
-    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -3.0 - 0.1 * i) for i, w in enumerate(_T5_WORDS)]
-    pieces += [("▁" + c, -7.0) for c in chars]
-    pieces += [(c, -8.0) for c in chars]
-    unique: dict[str, float] = {}
-    for piece, score in pieces:  # one id per piece, at its first place ("▁a" is a word and a character)
-        unique.setdefault(piece, score)
-    return T5TokenizerFast(vocab=list(unique.items()), extra_ids=0, model_max_length=512)
-
-
-# ChatML special tokens (the Qwen tokenizers' layout); ``<|endoftext|>`` pads.
-CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
-# A ChatML chat template written for the tiny tokenizers: the roles' turns, the assistant's opening
-# with ``add_generation_prompt`` and an empty thinking block when ``enable_thinking`` is false (the
-# keyword the Qwen3 pipelines pass). Real folders bring their own template; parity holds for any.
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-    "{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
-    "{% endif %}"
-)
-
-
-def qwen_tokenizer(max_length: int = 512) -> Any:
-    """A byte-level BPE ``Qwen2Tokenizer`` (the class of Qwen-Image's, FLUX.2 klein's and Z-Image's
-    tokenizers): the 256 byte symbols, merges for a few words, the ChatML special tokens and a chat
-    template."""
-    from transformers import Qwen2Tokenizer
-
-    tokens = list(_bytes_to_unicode().values())
-    merges: list[tuple[str, str]] = []
-    for word in _T5_WORDS:
-        merged = word[0]
-        for part in word[1:]:
-            if (merged, part) not in merges:
-                merges.append((merged, part))
-                tokens.append(merged + part)
-            merged += part
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS[1:])})
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
 
 # ---------------------------------------------------------------------------------------------
 # Components
@@ -287,8 +194,8 @@ def _sdxl(variant: str, seed: int) -> StableDiffusionXLPipeline:
         force_zeros = False
     else:
         raise _unknown("sdxl", variant)
-    tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = _clip_tokenizer(pad_token="!")  # the real SDXL tokenizer_2 pads with "!"
+    tokenizer = clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(pad_token="!")  # the real SDXL tokenizer_2 pads with "!"
     with _seeded(seed, "text_encoder"):
         text_encoder = _clip_text(CLIPTextModel, tokenizer, hid1, 2, 4, hid1)
     with _seeded(seed, "text_encoder_2"):
@@ -346,9 +253,9 @@ def _sd3(variant: str, seed: int) -> StableDiffusion3Pipeline:
     else:
         raise _unknown("sd3", variant)
     inner = transformer_extra["num_attention_heads"] * transformer_extra["attention_head_dim"]
-    tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = _clip_tokenizer(pad_token="!")
-    tokenizer_3 = _t5_tokenizer()
+    tokenizer = clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(pad_token="!")
+    tokenizer_3 = t5_tokenizer()
     with _seeded(seed, "text_encoder"):
         text_encoder = _clip_text(CLIPTextModelWithProjection, tokenizer, clip_l, 2, 2, proj_l)
     with _seeded(seed, "text_encoder_2"):
@@ -424,8 +331,8 @@ def _flux(variant: str, seed: int) -> FluxPipeline:
         )
     else:
         raise _unknown("flux", variant)
-    tokenizer = _clip_tokenizer(pad_token="<|endoftext|>")
-    tokenizer_2 = _t5_tokenizer()
+    tokenizer = clip_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = t5_tokenizer()
     with _seeded(seed, "text_encoder"):
         text_encoder = _clip_text(CLIPTextModel, tokenizer, clip_hidden, 2, 4, clip_hidden)
     with _seeded(seed, "text_encoder_2"):

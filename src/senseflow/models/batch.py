@@ -9,6 +9,7 @@ only the time it takes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,18 @@ class Conditioning:
 
     def select(self, index: Tensor | slice) -> Conditioning:
         return Conditioning({k: v[index] for k, v in self.tensors.items()})
+
+    @classmethod
+    def padded_prompts(cls, valid: Sequence[Tensor], length: int) -> Conditioning:
+        """Each prompt's valid tokens ([L_i, D], L_i <= ``length``) zero-padded to ``length`` as
+        ``prompt_embeds`` [B, length, D], with the 0/1 ``prompt_mask`` [B, length] (int64) of the valid
+        ones: fixed shapes for a text cache and a batch, from variable-length encodings."""
+        embeds = valid[0].new_zeros(len(valid), length, valid[0].shape[-1])
+        mask = torch.zeros(len(valid), length, dtype=torch.int64, device=embeds.device)
+        for i, tokens in enumerate(valid):
+            embeds[i, : len(tokens)] = tokens
+            mask[i, : len(tokens)] = 1
+        return cls({"prompt_embeds": embeds, "prompt_mask": mask})
 
     def trimmed(self, mask: str, names: tuple[str, ...]) -> Conditioning:
         """Sequences padded to a fixed length (a text cache's rows) cut to the batch's longest valid

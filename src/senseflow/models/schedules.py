@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from senseflow.config.common import AnchorsConfig
 from senseflow.core.ddpm import DDPMSchedule
 from senseflow.core.flow import FlowSchedule, flux_mu
@@ -37,6 +39,12 @@ def read_scheduler_config(folder: str | Path, subfolder: str = "scheduler") -> d
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def pipeline_t_grid(steps: int) -> list[float]:
+    """The unshifted grid t = linspace(1, 1/N, N) the FLUX-style pipelines (FLUX.1, FLUX.2, Qwen-Image)
+    pass to their scheduler as ``sigmas`` for N steps."""
+    return np.linspace(1.0, 1 / steps, steps).tolist()
 
 
 def dynamic_shift_mu(config: dict[str, Any], image_seq_len: int, max_shift: float = 1.15) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from senseflow.config.registry import data_kind_spec, discriminator_spec, family_spec, resolve_builder
-from senseflow.config.schema import DistillConfig, OptimizerConfig
+from senseflow.config.schema import DistillConfig, OptimConfig, OptimizerConfig
 
 
 def check_optimizers(cfg: DistillConfig, device: torch.device) -> None:
@@ -33,6 +33,36 @@ def build_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
             ) from exc
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
+
+
+def zero_missing_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Give a zero gradient to each trainable parameter with neither a gradient nor optimiser state.
+
+    A parameter the output never reads (``adapter.has_unused_parameters``: a double-stream DiT whose
+    last block still computes a text stream) gets no gradient, so AdamW would keep no state for it,
+    while torch's state-dict loader on resume creates one for every parameter. With a zero gradient
+    on its first update its moments are zero and it does not move (beyond weight decay)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None and p.requires_grad and p not in optimizer.state:
+                p.grad = torch.zeros_like(p)
+
+
+def warmup_factor(n: int, steps: int, start: float) -> float:
+    """The LR multiplier at 0-based iteration ``n``: linear from ``start`` to 1 over ``steps``
+    iterations, then 1 (the official LambdaWarmUpConstantScheduler, whose values are start and peak)."""
+    return start + (1 - start) * n / steps if n < steps else 1.0
+
+
+def build_schedulers(
+    optimizers: dict[str, torch.optim.Optimizer], cfg: OptimConfig
+) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+    """One warm-up schedule per optimiser; the trainer steps all of them once per iteration."""
+    warm, start = cfg.warmup_steps, cfg.warmup_start_factor
+    return {
+        name: torch.optim.lr_scheduler.LambdaLR(opt, lambda n: warmup_factor(n, warm, start))
+        for name, opt in optimizers.items()
+    }
 
 
 def check_buildable(cfg: DistillConfig) -> None:

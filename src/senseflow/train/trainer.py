@@ -38,7 +38,14 @@ from senseflow.train.lora_mode import LoraIda, build_lora_roles
 from senseflow.train.parallel import device_mesh, is_sharded, shard, shard_policy, wrap
 from senseflow.train.samples import save_sample_grid
 from senseflow.train.sharded_checkpoint import ShardedCheckpointer, load_sharded
-from senseflow.train.startup import build_optimizer, check_buildable, check_optimizers, check_supported
+from senseflow.train.startup import (
+    build_optimizer,
+    build_schedulers,
+    check_buildable,
+    check_optimizers,
+    check_supported,
+    zero_missing_grads,
+)
 from senseflow.train.step import NetworkCalls, SenseFlowStep
 
 
@@ -59,12 +66,6 @@ def disc_conditioning(disc, batch: Batch, cond: Conditioning, real_pixels) -> Co
     the networks' conditioning."""
     own = getattr(disc, "conditioning", None)
     return cond if own is None else own(batch.prompts, cond, real_pixels)
-
-
-def warmup_factor(n: int, steps: int, start: float) -> float:
-    """The LR multiplier at 0-based iteration ``n``: linear from ``start`` to 1 over ``steps``
-    iterations, then 1 (the official LambdaWarmUpConstantScheduler, whose values are start and peak)."""
-    return start + (1 - start) * n / steps if n < steps else 1.0
 
 
 def is_generator_turn(n: int, ratio: int, turn: str) -> bool:
@@ -113,11 +114,8 @@ class Distiller:
                 self.discriminator.trainable_parameters(), o.discriminator
             )
             self.clips["discriminator"] = o.discriminator.clip_grad
-        warm, start = o.warmup_steps, o.warmup_start_factor
-        self.schedulers = {
-            k: torch.optim.lr_scheduler.LambdaLR(opt, lambda n: warmup_factor(n, warm, start))
-            for k, opt in self.optimizers.items()
-        }
+        self.schedulers = build_schedulers(self.optimizers, o)
+        self.full_state: set[str] = set()  # optimisers whose every parameter has a state
         self.anchor_levels = self.param.anchor_levels(self.adapter.anchors).to(self.device)
         self.step = SenseFlowStep(
             cfg.method, self.param, self.anchor_levels, self.network_calls(), self.discriminator
@@ -355,15 +353,11 @@ class Distiller:
         loss.backward()
         for name in names:
             optimizer = self.optimizers[name]
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            # A parameter the output never reads (adapter.has_unused_parameters: a double-stream DiT
-            # whose last block still computes a text stream) gets no gradient, so AdamW would keep no
-            # state for it, while torch's state-dict loader on resume creates one for every parameter:
-            # its first update gets a zero gradient (zero moments, so no step beyond weight decay).
-            for p in params:
-                if p.grad is None and p.requires_grad and p not in optimizer.state:
-                    p.grad = torch.zeros_like(p)
+            if name not in self.full_state:  # an optimiser's first update only
+                zero_missing_grads(optimizer)
+                self.full_state.add(name)
             if self.clips[name] is not None:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.clips[name])
             optimizer.step()
 

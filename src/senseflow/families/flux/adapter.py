@@ -14,10 +14,8 @@ dropped key recorded by name (``dropped_keys``) and logged.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
@@ -25,17 +23,15 @@ from torch import Tensor, nn
 from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.devices import to_dtype
-from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
+from senseflow.families.diffusers_folder import DiffusersAdapter, GuidanceFreeStudent, TeacherFolder
 from senseflow.families.flux.single_file import flux_kohya_lora_state_dict, flux_original_state_dict
-from senseflow.models.adapter import Role, V
 from senseflow.models.batch import Conditioning
 from senseflow.models.schedules import (
     dynamic_shift_mu,
     flow_schedule_from_config,
     parameterisation_and_anchors,
+    pipeline_t_grid,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
 GUIDANCE_EMBEDDER = "time_text_embed.guidance_embedder."
@@ -62,7 +58,9 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxAdapter(DiffusersAdapter):
+class FluxAdapter(GuidanceFreeStudent, DiffusersAdapter):
+    GUIDANCE_EMBEDDER = GUIDANCE_EMBEDDER
+    GUIDANCE_DEFAULT = False  # the transformer class's default
     NETWORK = "transformer"
     PIPELINE = "FluxPipeline"
     NETWORK_CLASS = FluxTransformer2DModel
@@ -96,33 +94,9 @@ class FluxAdapter(DiffusersAdapter):
     def latent_channels(self) -> int:
         return int(self.network_config["in_channels"]) // 4
 
-    @property
-    def teacher_has_guidance(self) -> bool:
-        return bool(self.network_config.get("guidance_embeds", False))
-
-    def folder_guidance_kind(self) -> str:
-        # FluxPipeline guides by the embedding, or not at all (true CFG only with a negative prompt)
-        return "embedding" if self.teacher_has_guidance else "none"
-
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         f = self.vae_scale_factor * 2  # whole 2x2 patches
         return 2 * (height // f), 2 * (width // f)
-
-    def network_spec(self, role: Role) -> tuple[type[nn.Module], dict[str, Any]]:
-        cls, config = super().network_spec(role)
-        if role != "teacher":
-            config["guidance_embeds"] = False
-        return cls, config
-
-    def initial_weights(self, role: Role, teacher: dict[str, V]) -> dict[str, V]:
-        """The teacher's entries; for the guidance-free roles without the guidance embedder."""
-        if role == "teacher" or not self.teacher_has_guidance:
-            return teacher
-        dropped = sorted(k for k in teacher if k.startswith(GUIDANCE_EMBEDDER))
-        if dropped:
-            self.dropped_keys = dropped
-            log.info("%s starts without the guidance embedding; dropped: %s", role, ", ".join(dropped))
-        return {k: v for k, v in teacher.items() if not k.startswith(GUIDANCE_EMBEDDER)}
 
     def text_settings(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_sequence_length}
@@ -213,17 +187,14 @@ class FluxAdapter(DiffusersAdapter):
         """Fused q/k/v and MLP-input LoRAs in BFL names, exact (rank ``3r`` on a fused layer)."""
         return flux_kohya_lora_state_dict(peft_state)
 
-    def _pipeline_t(self, steps: int) -> list[float]:
-        return np.linspace(1.0, 1 / steps, steps).tolist()
-
     def sampling_levels(self, steps: int) -> Tensor:
         """FluxPipeline's σ: t = linspace(1, 1/N, N), shifted, then 0."""
-        return self.schedule.inference_sigmas(steps, t_values=self._pipeline_t(steps))
+        return self.schedule.inference_sigmas(steps, t_values=pipeline_t_grid(steps))
 
     def timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
         cfg = self.scheduler_config
         mu = dynamic_shift_mu(cfg, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
-        sigmas = None if cfg.get("use_flow_sigmas", False) else self._pipeline_t(steps)
+        sigmas = None if cfg.get("use_flow_sigmas", False) else pipeline_t_grid(steps)
         return {"sigmas": sigmas, "mu": mu}
 
 

@@ -19,11 +19,9 @@ anchors given in t (linspace(1, 1/K, K)) are exactly the stock pipeline's own K-
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import diffusers
-import numpy as np
 import torch
 from diffusers import Flux2Pipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
@@ -35,12 +33,13 @@ from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
 from senseflow.core.flow import FlowSchedule
 from senseflow.devices import to_dtype
-from senseflow.families.diffusers_folder import DiffusersAdapter, TeacherFolder
-from senseflow.models.adapter import Role, V
+from senseflow.families.diffusers_folder import DiffusersAdapter, GuidanceFreeStudent, TeacherFolder
 from senseflow.models.batch import Conditioning
-from senseflow.models.schedules import flow_schedule_from_config, parameterisation_and_anchors
-
-log = logging.getLogger(__name__)
+from senseflow.models.schedules import (
+    flow_schedule_from_config,
+    parameterisation_and_anchors,
+    pipeline_t_grid,
+)
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # the max_sequence_length default of both pipelines' encode_prompt
 DEFAULT_STEPS = 50  # both pipelines' num_inference_steps default (the training μ without anchors)
@@ -198,7 +197,7 @@ class Flux2FamilyAdapter(DiffusersAdapter):
     def timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
         """What both pipelines pass to ``set_timesteps``: their σ grid (unless the scheduler uses flow
         sigmas) and μ for the token count and the step count."""
-        sigmas = np.linspace(1.0, 1 / steps, steps)
+        sigmas = pipeline_t_grid(steps)
         if self.scheduler_config.get("use_flow_sigmas", False):
             sigmas = None
         mu = compute_empirical_mu(image_seq_len=latent_shape[-2] * latent_shape[-1], num_steps=steps)
@@ -211,9 +210,12 @@ class Flux2FamilyAdapter(DiffusersAdapter):
         return scheduler.sigmas.float()
 
 
-class Flux2Adapter(Flux2FamilyAdapter):
+class Flux2Adapter(GuidanceFreeStudent, Flux2FamilyAdapter):
     """FLUX.2-dev: the teacher keeps its guidance embedding; the generator and fake score are built
     without it (``guidance_embeds=False``, its weights dropped and named in ``dropped_keys``)."""
+
+    GUIDANCE_EMBEDDER = GUIDANCE_EMBEDDER
+    GUIDANCE_DEFAULT = True  # the transformer class's default
 
     PIPELINE = "Flux2Pipeline"
     guidance_kind = "embedding"
@@ -225,28 +227,6 @@ class Flux2Adapter(Flux2FamilyAdapter):
         # LoRA mode: the generator and fake score share the teacher's guidance embedder and pass this
         # constant (model.lora.student_guidance); None in full fine-tuning, where they have none.
         self.student_guidance: float | None = None
-
-    @property
-    def teacher_has_guidance(self) -> bool:
-        return bool(self.network_config.get("guidance_embeds", True))
-
-    def folder_guidance_kind(self) -> str:
-        return "embedding" if self.teacher_has_guidance else "none"
-
-    def network_spec(self, role: Role) -> tuple[type[nn.Module], dict[str, Any]]:
-        cls, config = super().network_spec(role)
-        if role != "teacher":
-            config["guidance_embeds"] = False
-        return cls, config
-
-    def initial_weights(self, role: Role, teacher: dict[str, V]) -> dict[str, V]:
-        if role == "teacher" or not self.teacher_has_guidance:
-            return teacher
-        dropped = sorted(k for k in teacher if k.startswith(GUIDANCE_EMBEDDER))
-        if dropped:
-            self.dropped_keys = dropped
-            log.info("%s starts without the guidance embedding; dropped: %s", role, ", ".join(dropped))
-        return {k: v for k, v in teacher.items() if not k.startswith(GUIDANCE_EMBEDDER)}
 
     def guidance_input(self, net: nn.Module, guidance: Tensor | None, x_t: Tensor) -> Tensor | None:
         has_guidance = bool(getattr(net.config, "guidance_embeds", False))

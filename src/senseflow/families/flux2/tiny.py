@@ -31,7 +31,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from senseflow.families.tiny import _T5_WORDS, _bytes_to_unicode, _seeded, _unknown, _unzero, qwen_tokenizer
+from senseflow.families.tiny import _seeded, _unknown, _unzero
+from senseflow.families.tiny_tokenizers import T5_WORDS, bytes_to_unicode, qwen_tokenizer
 
 # The special tokens of Mistral's instruction format, and the image tokens a Pixtral processor names.
 MISTRAL_SPECIAL = (
@@ -55,8 +56,8 @@ def mistral_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE, Mistral's special tokens and a chat template. Its merges make whole tokens of a
     few prompt words and of the words of the pipeline's system message (with and without the space
     before them), so the encoding of a short prompt fits in a few dozen tokens."""
-    symbols = _bytes_to_unicode()
-    words = sorted({*_T5_WORDS, *re.findall(r"[A-Za-z]+", SYSTEM_MESSAGE)})
+    symbols = bytes_to_unicode()
+    words = sorted({*T5_WORDS, *re.findall(r"[A-Za-z]+", SYSTEM_MESSAGE)})
     tokens = list(symbols.values())
     merges: list[tuple[str, str]] = []
     for word in [symbols[ord(" ")] + w for w in words] + words:  # spaced words merge first

@@ -29,7 +29,6 @@ import hashlib
 from typing import Any
 
 import diffusers
-import numpy as np
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from torch import Tensor, nn
@@ -45,6 +44,7 @@ from senseflow.models.schedules import (
     dynamic_shift_mu,
     flow_schedule_from_config,
     parameterisation_and_anchors,
+    pipeline_t_grid,
 )
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s default
@@ -188,14 +188,10 @@ class QwenImageAdapter(DiffusersAdapter):
         embeds, mask = pipe.encode_prompt(
             list(prompts), device=self.device, max_sequence_length=self.max_sequence_length
         )
-        b, length, width = embeds.shape
         if mask is None:  # the pipeline's way of saying every token is valid
-            mask = torch.ones(b, length, dtype=torch.long, device=embeds.device)
-        padded = embeds.new_zeros(b, self.max_sequence_length, width)
-        padded[:, :length] = embeds
-        full = torch.zeros(b, self.max_sequence_length, dtype=torch.long, device=embeds.device)
-        full[:, :length] = mask
-        return Conditioning({"prompt_embeds": padded, "prompt_mask": full})
+            return Conditioning.padded_prompts(list(embeds), self.max_sequence_length)
+        valid = [e[m.bool()] for e, m in zip(embeds, mask, strict=True)]
+        return Conditioning.padded_prompts(valid, self.max_sequence_length)
 
     # ------------------------------------------------------------------ the network call and guidance
 
@@ -234,14 +230,11 @@ class QwenImageAdapter(DiffusersAdapter):
 
     # ------------------------------------------------------------------ the folder's sampler
 
-    def _pipeline_t(self, steps: int) -> list[float]:
-        return np.linspace(1.0, 1 / steps, steps).tolist()
-
     def timesteps_kwargs(self, steps: int, latent_shape: tuple[int, ...]) -> dict[str, Any]:
         """QwenImagePipeline's arguments: σ = linspace(1, 1/N, N) and μ from the packed token count
         (ignored by a scheduler without dynamic shifting)."""
         mu = dynamic_shift_mu(self.scheduler_config, (latent_shape[-2] // 2) * (latent_shape[-1] // 2))
-        return {"sigmas": self._pipeline_t(steps), "mu": mu}
+        return {"sigmas": pipeline_t_grid(steps), "mu": mu}
 
     def sampling_levels(self, steps: int) -> Tensor:
         """The σ the folder's scheduler walks in N steps at the recipe's resolution (its shift, and

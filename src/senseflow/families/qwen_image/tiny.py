@@ -17,7 +17,8 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from senseflow.families.tiny import _seeded, _unzero, qwen_tokenizer
+from senseflow.families.tiny import _seeded, _unzero
+from senseflow.families.tiny_tokenizers import qwen_tokenizer
 
 _VARIANTS = {
     "a": dict(

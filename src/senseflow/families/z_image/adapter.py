@@ -150,13 +150,7 @@ class ZImageAdapter(DiffusersAdapter):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        n, length = len(embeds), self.max_sequence_length
-        padded = embeds[0].new_zeros(n, length, embeds[0].shape[-1])
-        mask = torch.zeros(n, length, dtype=torch.int64, device=padded.device)
-        for i, e in enumerate(embeds):
-            padded[i, : len(e)] = e
-            mask[i, : len(e)] = 1
-        return Conditioning({"prompt_embeds": padded, "prompt_mask": mask})
+        return Conditioning.padded_prompts(embeds, self.max_sequence_length)
 
     # ------------------------------------------------------------------ the network call
 

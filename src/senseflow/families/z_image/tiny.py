@@ -11,7 +11,8 @@ from __future__ import annotations
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
-from senseflow.families.tiny import _seeded, _unknown, _unzero, _vae, qwen_tokenizer
+from senseflow.families.tiny import _seeded, _unknown, _unzero, _vae
+from senseflow.families.tiny_tokenizers import qwen_tokenizer
 
 # RoPE table lengths (frame axis, height, width): the frame axis numbers the caption tokens (up to the
 # tokenizer's 512 plus Z-Image's padding to 32), so it must be longer than the longest caption.
