@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from senseflow.families.tiny import _clip_tokenizer, _seeded
+from senseflow.families.tiny import _seeded
+from senseflow.families.tiny_tokenizers import clip_tokenizer
 
 
 def write_tiny_dinov2(
@@ -41,7 +42,7 @@ def write_tiny_clip(folder: str | Path, *, hidden: int = 32, projection: int = 2
     from transformers import CLIPConfig, CLIPModel
 
     folder = Path(folder)
-    tokenizer = _clip_tokenizer("<|endoftext|>")
+    tokenizer = clip_tokenizer("<|endoftext|>")
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
