@@ -120,8 +120,10 @@ def test_recipe_values_match_spec() -> None:
     assert not dmd2.method.ida.enabled and dmd2.method.isg.weight == 0.0
     assert dmd2.method.gan.type == "dmd2_head"
     assert (dmd2.method.gan.weight, dmd2.method.gan.disc_weight) == (5e-3, 1e-2)
-    assert dmd2.method.ttur_ratio == 5 and dmd2.optim.generator.lr == 5e-7
-    assert dmd2.optim.generator.clip_grad == 10.0 and dmd2.data.batch_size == 2
+    # the official SenseFlow code's DMD2-SDXL baseline (trainer_sdxl_DMD2.py)
+    assert dmd2.method.ttur_ratio == 5 and dmd2.optim.generator.lr == 1e-6
+    assert dmd2.optim.generator.clip_grad == 1.0 and dmd2.data.batch_size == 1
+    assert dmd2.method.backward_sim_prob == 0.0 and dmd2.method.first_anchor_input == "noise"
 
 
 def test_base_key_is_consumed_by_inheritance() -> None:

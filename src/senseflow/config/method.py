@@ -211,6 +211,14 @@ class GANConfig(_Section):
             "L2-normalised; the code's open_clip ViT-L-14 'openai' has these weights (§13)."
         ),
     )
+    real_pixels: Literal["images", "decoded_latents"] = Field(
+        default="images",
+        description=(
+            "What a pixel-space D sees as the real (and reference) image: the batch's images, or the "
+            "VAE decode (fp32) of the batch's latents, as the official SDXL trainer feeds D from its "
+            "latent dataset. A batch of cached latents is always decoded (§13)."
+        ),
+    )
     official_grad_leak: bool = Field(
         default=False,
         description=(
@@ -333,11 +341,24 @@ class MethodConfig(_Section):
         le=1.0,
         description="Probability of backward simulation for G's input; 0.5 in the code (§2, §7).",
     )
-    randomness: Literal["per_rank", "per_sample"] = Field(
-        default="per_rank",
+    randomness: Literal["global", "per_rank", "per_sample"] = Field(
+        default="global",
         description=(
-            "Scope of the anchor, backward-simulation and t_mid draws: per_rank (code, batch 1) "
-            "or per_sample (a project choice at batch > 1) (§12.15)."
+            "Scope of an iteration's draws. global (the official trainers, whose ranks share one "
+            "identically seeded generator): one anchor, one backward-simulation switch and one t_mid for "
+            "the whole global batch, and the DMD and fake-score levels drawn for one rank's batch and "
+            "repeated on every rank; noises and guidance scales stay per sample. per_rank: anchor, switch "
+            "and t_mid once per rank. per_sample: everything per sample, so a run is the same on any "
+            "number of ranks (docs/design.md, 'One iteration's randomness') (§12.15, §13)."
+        ),
+    )
+    first_anchor_input: Literal["noise", "add_noise"] = Field(
+        default="noise",
+        description=(
+            "G's input at an anchor on the noisiest grid level (DDPM t = T-1, flow sigma = 1) when it is "
+            "not simulated: noise = the drawn noise itself (the official SDXL and DMD2 trainers' "
+            "pure-noise mask), add_noise = the schedule's forward noising of the real sample, which keeps "
+            "sqrt(alpha_bar_999) ~ 0.07 of it on SDXL. The two are identical for flow teachers (§7, §13)."
         ),
     )
     dmd: DMDConfig = Field(description="DMD loss (§3).")

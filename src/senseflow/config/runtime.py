@@ -112,6 +112,16 @@ class PrecisionConfig(_Section):
         default="bf16", description="Dtype of the frozen real score; bf16 in the code (§1, §9)."
     )
     tf32: bool = Field(default=True, description="Allow TF32 matmuls; on in the code (§9).")
+    vae_dtype: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description=(
+            "Compute dtype of the VAE decoder (D's pixel inputs, sample grids, image statistics): fp32 as "
+            "the official code decodes D's inputs for every family (SDXL and SD3.5 keep an fp32 VAE; "
+            "FLUX stores it in bf16 and decodes under fp32 autocast), or bf16 autocast to halve the "
+            "decoder's activations at 1024 px. The encoder always runs in fp32, so latent caches do not "
+            "depend on it (§9, §13)."
+        ),
+    )
     fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description=(

@@ -320,12 +320,16 @@ class DiffusersAdapter(FamilyAdapter):
         z = x.float()
         mean, std = self._latent_stats(z)
         z = z * std / float(self.vae_config["scaling_factor"]) + mean
-        with torch.autocast(z.device.type, enabled=False):
+        return self.run_decoder(z)
+
+    def run_decoder(self, z: Tensor) -> Tensor:
+        """``_decode`` of raw latents in ``precision.vae_dtype``, float32 out. On the generator's path
+        into a pixel-space D the decoder's activations are recomputed in the backward pass (the
+        official code checkpoints it; at 1024 px they take GiBs)."""
+        with self.decode_precision(z.device):
             if torch.is_grad_enabled() and z.requires_grad:
-                # the generator's path into a pixel-space D: the decoder's activations are recomputed
-                # in the backward pass (the official code checkpoints it; at 1024 px they take GiBs)
-                return checkpoint(self._decode, z, use_reentrant=False)
-            return self._decode(z)
+                return checkpoint(self._decode, z, use_reentrant=False).float()
+            return self._decode(z).float()
 
     def _decode(self, z: Tensor) -> Tensor:
         return self.vae.decode(z, return_dict=False)[0]

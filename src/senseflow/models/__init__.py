@@ -26,6 +26,7 @@ def build_adapter(cfg: DistillConfig, *, text_cache: bool = True) -> FamilyAdapt
     adapter.guidance_kind = cfg.method.dmd.guidance_kind
     adapter.cfg_convention = cfg.model.cfg_convention
     adapter.decode_chunk = cfg.model.decode_chunk
+    adapter.vae_dtype = cfg.precision.vae_dtype
     if text_cache and cfg.model.text_cache != "live":
         from senseflow.models.text_cache import TextCache
 

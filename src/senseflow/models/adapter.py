@@ -60,6 +60,7 @@ class FamilyAdapter(ABC):
     guidance_kind: Literal["cfg", "embedding"] = "cfg"
     cfg_convention: CfgConvention = "uncond_plus"
     decode_chunk: int = 8  # samples decoded at once; build_adapter sets the recipe's model.decode_chunk
+    vae_dtype: str = "fp32"  # decoder compute dtype; build_adapter sets the recipe's precision.vae_dtype
     # The network has parameters its output never reads (Qwen-Image's last block computes a text
     # stream nothing uses): DDP must then search for them in every backward.
     has_unused_parameters: bool = False
@@ -211,6 +212,12 @@ class FamilyAdapter(ABC):
     def decode_model(self, x: Tensor) -> Tensor:
         """Model space to RGB in [-1, 1] for one chunk; differentiable."""
         return x
+
+    def decode_precision(self, device: torch.device) -> torch.autocast:
+        """The context a VAE decode runs in: autocast off (fp32, as the official code decodes D's
+        inputs) or bf16 autocast (``precision.vae_dtype: bf16``), whatever the trainer's autocast."""
+        bf16 = self.vae_dtype == "bf16"
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def decode(self, x: Tensor) -> Tensor:
         """Model space to RGB in [-1, 1], ``decode_chunk`` samples at a time; differentiable (the

@@ -1,8 +1,9 @@
 """Every random number of one training iteration, drawn up front for the global batch.
 
 The draws come from a generator seeded by (run seed, iteration), and each rank takes its slice.
-Two consequences: a resumed run needs no RNG state to continue bit for bit, and a run gives the
-same result on any number of ranks (per-sample randomness), which is what the DDP test checks.
+Two consequences: a resumed run needs no RNG state to continue bit for bit, and with per-sample
+randomness a run gives the same result on any number of ranks, which is what the DDP test checks.
+``method.randomness`` then narrows some draws to the official trainers' scope (see ``_Scope``).
 """
 
 from __future__ import annotations
@@ -109,9 +110,28 @@ def step_generator(seed: int, iteration: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
 
 
-def _per_group(values: Tensor, group: int) -> Tensor:
-    """Repeat each of ``G / group`` draws ``group`` times (one draw per rank, as the official code)."""
-    return values[::group].repeat_interleave(group)
+@dataclass(frozen=True)
+class _Scope:
+    """How far one draw reaches under ``method.randomness`` (``G`` samples, ``B`` per rank).
+
+    ``choice`` narrows the iteration's discrete choices (anchor, backward-simulation switch, t_mid):
+    one per sample, one per rank, or one for the whole batch (global). ``level`` narrows the DMD and
+    fake-score levels: under global, the first rank's ``B`` draws repeat on every rank, as the
+    official trainers draw them from one generator seeded alike on every rank.
+    """
+
+    kind: str
+    per_rank_batch: int
+
+    def choice(self, values: Tensor) -> Tensor:
+        group = {"global": values.shape[0], "per_rank": self.per_rank_batch}.get(self.kind, 1)
+        return values[::group].repeat_interleave(group)
+
+    def level(self, values: Tensor) -> Tensor:
+        if self.kind != "global":
+            return values
+        B = self.per_rank_batch
+        return values[:B].repeat(values.shape[0] // B)
 
 
 def draw_step(
@@ -137,12 +157,12 @@ def draw_step(
     g = step_generator(seed, iteration)
     anchor_levels = anchor_levels.cpu()  # draws are made on the CPU (the generator is a CPU one)
     G, K = global_batch, anchor_levels.shape[0]
-    group = per_rank_batch if method.randomness == "per_rank" else 1
-    anchor_index = _per_group(torch.randint(0, K, (G,), generator=g), group)
-    simulate = _per_group(torch.rand(G, generator=g) < method.backward_sim_prob, group)
+    scope = _Scope(method.randomness, per_rank_batch)
+    anchor_index = scope.choice(torch.randint(0, K, (G,), generator=g))
+    simulate = scope.choice(torch.rand(G, generator=g) < method.backward_sim_prob)
     input_noise = torch.randn((G, *sample_shape), generator=g)
     simulation_noise = torch.randn((max(K - 1, 1), G, *sample_shape), generator=g)
-    dmd_level = sample_levels(method.dmd.timestep_dist, G, param, generator=g)
+    dmd_level = scope.level(sample_levels(method.dmd.timestep_dist, G, param, generator=g))
     dmd_noise = torch.randn((G, *sample_shape), generator=g)
     dmd_guidance = draw_guidance(method.dmd.teacher_guidance, G, generator=g)
     isg_mid_grid = isg_guidance = None
@@ -151,9 +171,9 @@ def draw_step(
         isg_mid_grid = sample_t_mid(
             levels[anchor_index], levels[anchor_index + 1], method.isg.margin, param, generator=g
         )
-        isg_mid_grid = _per_group(isg_mid_grid, group)
+        isg_mid_grid = scope.choice(isg_mid_grid)
         isg_guidance = draw_guidance(method.isg.teacher_guidance, G, generator=g)
-    fake_level = sample_levels(method.fake.timestep_dist, G, param, generator=g)
+    fake_level = scope.level(sample_levels(method.fake.timestep_dist, G, param, generator=g))
     fake_noise = torch.randn((G, *sample_shape), generator=g)
     disc = {}
     if disc_shape is not None and (method.gan.diffaug or disc_noised):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from senseflow.config.registry import data_kind_spec, discriminator_spec, family_spec, resolve_builder
@@ -63,6 +65,16 @@ def build_schedulers(
         name: torch.optim.lr_scheduler.LambdaLR(opt, lambda n: warmup_factor(n, warm, start))
         for name, opt in optimizers.items()
     }
+
+
+def step_schedulers(schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]) -> None:
+    """One step of every schedule, at the end of each iteration: the warm-up counts iterations, so a
+    network that has not stepped yet (G before its first TTUR turn) advances too. torch warns about
+    exactly that order; here it is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for scheduler in schedulers.values():
+            scheduler.step()
 
 
 def check_buildable(cfg: DistillConfig) -> None:

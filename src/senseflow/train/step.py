@@ -68,6 +68,7 @@ class SenseFlowStep:
         self.anchor_levels = anchor_levels  # a_0 .. a_{K-1}
         # a_0 .. a_{K-1} and the end of the last segment (clean, or the grid's first entry)
         self.levels = segment_ends(anchor_levels, param, method.isg.last_segment_end)
+        self.noisiest = param.level_from_grid(torch.tensor(param.grid_max)).to(anchor_levels.device)
         if discriminator is not None:
             if discriminator.loss not in GAN_LOSSES:
                 raise ValueError(
@@ -95,7 +96,11 @@ class SenseFlowStep:
         rank makes the same calls (FSDP2 gathers weights in each); default: what ``d`` needs.
         """
         p = self.param
-        noised = p.add_noise(x_real, d.input_noise, self.levels[d.anchor_index])
+        level = self.levels[d.anchor_index]
+        noised = p.add_noise(x_real, d.input_noise, level)
+        if self.m.first_anchor_input == "noise":  # the official pure-noise mask at the noisiest level
+            pure = (level == self.noisiest).view(-1, *[1] * (x_real.ndim - 1))
+            noised = torch.where(pure, d.input_noise, noised)
         rollout_steps = d.rollout_steps() if rollout_steps is None else rollout_steps
         if rollout_steps == 0:
             return noised

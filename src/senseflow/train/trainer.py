@@ -44,6 +44,7 @@ from senseflow.train.startup import (
     check_buildable,
     check_optimizers,
     check_supported,
+    step_schedulers,
     zero_missing_grads,
 )
 from senseflow.train.step import NetworkCalls, SenseFlowStep
@@ -324,14 +325,13 @@ class Distiller:
             logs.update(image_stats(decoded, cfg.health))
         self.guard.end_iteration(self._non_finite(losses), n)
         self.last_losses.update({k: v for k, v in logs.items() if k.startswith("loss_")})
-        for scheduler in self.schedulers.values():  # every iteration, as the official trainers, so the
-            scheduler.step()  # warm-up counts iterations, not each network's own updates
+        step_schedulers(self.schedulers)  # every iteration, as the official trainers
         self.iteration += 1
         return logs
 
     def _real_pixels(self, batch: Batch, x_real: Tensor) -> Tensor:
         """Real images for a pixel-space D: the batch's own, or its latents decoded."""
-        if batch.images is not None:
+        if batch.images is not None and self.cfg.method.gan.real_pixels == "images":
             return batch.images
         with torch.no_grad():
             return self.decode(x_real)

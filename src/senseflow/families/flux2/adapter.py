@@ -27,7 +27,6 @@ from diffusers import Flux2Pipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from safetensors import safe_open
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
@@ -142,11 +141,7 @@ class Flux2FamilyAdapter(DiffusersAdapter):
 
     def decode_model(self, x: Tensor) -> Tensor:
         mean, std = self._stats(x.float())
-        z = unpatchify(x.float() * std + mean)
-        with torch.autocast(z.device.type, enabled=False):
-            if torch.is_grad_enabled() and z.requires_grad:  # recomputed in backward (see DiffusersAdapter)
-                return checkpoint(self._decode, z, use_reentrant=False)
-            return self._decode(z)
+        return self.run_decoder(unpatchify(x.float() * std + mean))
 
     # ------------------------------------------------------------------ conditioning
 

@@ -32,7 +32,6 @@ import diffusers
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from senseflow.config.common import AnchorsConfig
 from senseflow.config.schema import DistillConfig
@@ -149,11 +148,7 @@ class QwenImageAdapter(DiffusersAdapter):
     def decode_model(self, x: Tensor) -> Tensor:
         z = x.float()
         mean, std = self._latent_stats(z)
-        z = z * std + mean
-        with torch.autocast(z.device.type, enabled=False):
-            if torch.is_grad_enabled() and z.requires_grad:  # see DiffusersAdapter.decode_model
-                return checkpoint(self._decode, z, use_reentrant=False)
-            return self._decode(z)
+        return self.run_decoder(z * std + mean)
 
     def _decode(self, z: Tensor) -> Tensor:
         return self.vae.decode(z.unsqueeze(FRAME_AXIS), return_dict=False)[0].select(FRAME_AXIS, 0)
