@@ -242,6 +242,16 @@ class GANConfig(_Section):
         le=1.0,
         description="DiffAugment's cutout side as a fraction of the image side: 0.2 in the code (§13).",
     )
+    head: Literal["mlp", "conv"] = Field(
+        default="mlp",
+        description=(
+            "dmd2_head only: the classifier. mlp: LayerNorm and two Linear+SiLU layers on the block's "
+            "tokens, a mean over tokens, a Linear to one logit (any block of any family). conv: DMD2's "
+            "own head on a UNet's feature map (the official DMD2-SDXL baseline): convolutions of kernel "
+            "4 and strides 2, 2, 2, 4 with GroupNorm(32) and SiLU, then a 1x1 convolution, made for "
+            "the 32x32 bottleneck of a 1024 px SDXL UNet; a map of another size is resized to 32x32 first."
+        ),
+    )
     head_trains_fake: bool = Field(
         default=True,
         description=(
@@ -310,6 +320,7 @@ _DISCRIMINATOR_FIELDS = frozenset(
         "text_encoder",
         "reference_encoder",
         "head_trains_fake",
+        "head",
         "input_size",
         "backbone_checkpointing",
     }

@@ -323,7 +323,7 @@ register_discriminator(
     DiscriminatorSpec(
         "dmd2_head",
         builder="senseflow.models.discriminators:build_dmd2_head",
-        reads=frozenset({"feature_blocks", "head_trains_fake"}),
+        reads=frozenset({"feature_blocks", "head_trains_fake", "head"}),
         description="DMD2's classifier head on the fake score's features",
     )
 )

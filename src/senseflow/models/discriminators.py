@@ -181,14 +181,48 @@ def _tokens(output: Tensor | tuple) -> Tensor:
     return feat
 
 
+# DMD2's convolutional classifier (its SDXL code): stride-2 convolutions from the 32x32 bottleneck of
+# a 1024 px SDXL UNet down to 4x4, then a stride-4 one to 1x1, each with GroupNorm(32) and SiLU.
+CONV_HEAD_MAP_SIDE = 32
+CONV_HEAD_STRIDES = (2, 2, 2, 4)
+CONV_HEAD_KERNEL = 4
+CONV_HEAD_GROUPS = 32
+
+
+class ConvClassifierHead(nn.Module):
+    """DMD2's classifier on a UNet feature map [B, C, H, W] -> one logit per sample [B, 1]. A map of
+    another size than 32x32 is resized to it first (bilinear), so the stack ends at 1x1."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = math.gcd(CONV_HEAD_GROUPS, channels)  # 32 for SDXL's 1280 channels
+        layers: list[nn.Module] = []
+        for stride in CONV_HEAD_STRIDES:
+            padding = (CONV_HEAD_KERNEL - stride) // 2
+            layers += [
+                nn.Conv2d(channels, channels, CONV_HEAD_KERNEL, stride, padding),
+                nn.GroupNorm(groups, channels),
+                nn.SiLU(),
+            ]
+        layers.append(nn.Conv2d(channels, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        side = (CONV_HEAD_MAP_SIDE, CONV_HEAD_MAP_SIDE)
+        if tuple(fmap.shape[-2:]) != side:
+            fmap = F.interpolate(fmap, size=side, mode="bilinear", align_corners=False)
+        return self.net(fmap).flatten(1)
+
+
 class FakeScoreHeadDiscriminator(nn.Module):
     """DMD2's classifier (spec §8.2): a head on the fake score's features at one block, one logit per sample.
 
     ``x`` (model space) is noised to ``level`` with ``noise`` (both drawn by the trainer), the fake
     score runs on it with the sample's prompt, and a forward hook captures the output of one of the
-    blocks the adapter offers (``feature_taps``: a DiT's transformer blocks, a UNet's bottleneck) as
-    tokens. The head (LayerNorm, two Linear+SiLU layers on the tokens, a
-    mean over tokens, a Linear to one logit) is what D's optimiser holds. The fake network is held
+    blocks the adapter offers (``feature_taps``: a DiT's transformer blocks, a UNet's bottleneck).
+    The head is what D's optimiser holds: ``mlp`` (LayerNorm, two Linear+SiLU layers on the block's
+    tokens, a mean over tokens, a Linear to one logit) or ``conv`` (DMD2's own convolutional
+    classifier on a UNet's feature map, :class:`ConvClassifierHead`). The fake network is held
     by reference, not as a submodule, so it is neither in this module's state dict nor in its DDP
     wrapper. Its weights are kept out of the graph during the forward (the generator's adversarial
     gradient still flows through its activations back to ``x``), except inside ``fake_in_graph()``:
@@ -206,6 +240,7 @@ class FakeScoreHeadDiscriminator(nn.Module):
         fake_score: nn.Module,
         block: int | None = None,
         trains_fake: bool = True,
+        head: Literal["mlp", "conv"] = "mlp",
     ):
         super().__init__()
         self.shares_fake_update = trains_fake
@@ -220,14 +255,23 @@ class FakeScoreHeadDiscriminator(nn.Module):
         self.adapter = adapter
         self._fake = (fake_score,)  # a tuple, so that nn.Module does not register it as a submodule
         width = taps[self.feature_block].width
-        self.head = nn.Sequential(
-            nn.LayerNorm(width),
-            nn.Linear(width, width),
-            nn.SiLU(),
-            nn.Linear(width, width),
-            nn.SiLU(),
-        )
-        self.out = nn.Linear(width, 1)
+        self.conv = head == "conv"
+        if self.conv:
+            if taps[self.feature_block].module is not getattr(fake_score, "mid_block", None):
+                raise ValueError(
+                    "method.gan.head: conv reads a UNet's bottleneck feature map (mid_block); "
+                    f"{type(fake_score).__name__} offers tokens: use head: mlp"
+                )
+            self.head = ConvClassifierHead(width)
+        else:
+            self.head = nn.Sequential(
+                nn.LayerNorm(width),
+                nn.Linear(width, width),
+                nn.SiLU(),
+                nn.Linear(width, width),
+                nn.SiLU(),
+            )
+            self.out = nn.Linear(width, 1)
         device = next(fake_score.parameters()).device
         self.to(device)
 
@@ -247,13 +291,15 @@ class FakeScoreHeadDiscriminator(nn.Module):
         finally:
             self._fake_weights_in_graph = False
 
-    def features(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
-        """Image tokens [B, N, C] of the hooked block of the fake score at ``x_t``."""
+    def features(self, x_t: Tensor, level: Tensor, cond: Conditioning, as_tokens: bool = True) -> Tensor:
+        """Image tokens [B, N, C] of the hooked block of the fake score at ``x_t`` (``as_tokens=False``:
+        the block's output as it is, a UNet's map [B, C, H, W])."""
         fake = self.fake_score
         captured: list[Tensor] = []
         tap = self.adapter.feature_taps(fake)[self.feature_block]
+        keep = _tokens if as_tokens else lambda output: output
         hook = tap.module.register_forward_hook(
-            lambda _module, _inputs, output: captured.append(_tokens(output))
+            lambda _module, _inputs, output: captured.append(keep(output))
         )
         weights = nullcontext() if self._fake_weights_in_graph else _weights_frozen(fake)
         try:
@@ -267,8 +313,10 @@ class FakeScoreHeadDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, cond: Conditioning, level: Tensor, noise: Tensor) -> Tensor:
         x_t = self.adapter.param.add_noise(x, noise.to(x), level)
-        tokens = self.features(x_t, level, cond)
-        h = self.head(tokens.to(self.out.weight.dtype))
+        dtype = next(self.head.parameters()).dtype
+        if self.conv:
+            return self.head(self.features(x_t, level, cond, as_tokens=False).to(dtype))  # [B, 1]
+        h = self.head(self.features(x_t, level, cond).to(dtype))
         return self.out(h.mean(dim=1))  # [B, 1]
 
 
@@ -298,7 +346,7 @@ def build_toy_discriminator(gan: GANConfig, adapter: FamilyAdapter, fake_score: 
 
 def build_dmd2_head(gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.Module) -> nn.Module:
     """``gan.type: dmd2_head``: DMD2's classifier on the fake score's features."""
-    return FakeScoreHeadDiscriminator(adapter, fake_score, head_block(gan), gan.head_trains_fake)
+    return FakeScoreHeadDiscriminator(adapter, fake_score, head_block(gan), gan.head_trains_fake, gan.head)
 
 
 def build_discriminator(gan: GANConfig, adapter: FamilyAdapter, fake_score: nn.Module) -> nn.Module | None:
