@@ -323,10 +323,12 @@ class DiffusersAdapter(FamilyAdapter):
         return self.run_decoder(z)
 
     def run_decoder(self, z: Tensor) -> Tensor:
-        """``_decode`` of raw latents in ``precision.vae_dtype``, float32 out. On the generator's path
+        """``_decode`` of raw latents in ``precision.vae_dtype`` whatever the trainer's autocast (fp32 as
+        the official code decodes D's inputs, or bf16 autocast), float32 out. On the generator's path
         into a pixel-space D the decoder's activations are recomputed in the backward pass (the
         official code checkpoints it; at 1024 px they take GiBs)."""
-        with self.decode_precision(z.device):
+        bf16 = self.vae_dtype == "bf16"
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
             if torch.is_grad_enabled() and z.requires_grad:
                 return checkpoint(self._decode, z, use_reentrant=False).float()
             return self._decode(z).float()

@@ -213,12 +213,6 @@ class FamilyAdapter(ABC):
         """Model space to RGB in [-1, 1] for one chunk; differentiable."""
         return x
 
-    def decode_precision(self, device: torch.device) -> torch.autocast:
-        """The context a VAE decode runs in: autocast off (fp32, as the official code decodes D's
-        inputs) or bf16 autocast (``precision.vae_dtype: bf16``), whatever the trainer's autocast."""
-        bf16 = self.vae_dtype == "bf16"
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
     def decode(self, x: Tensor) -> Tensor:
         """Model space to RGB in [-1, 1], ``decode_chunk`` samples at a time; differentiable (the
         discriminator's gradient reaches the generator through it)."""

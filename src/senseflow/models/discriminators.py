@@ -255,8 +255,7 @@ class FakeScoreHeadDiscriminator(nn.Module):
         self.adapter = adapter
         self._fake = (fake_score,)  # a tuple, so that nn.Module does not register it as a submodule
         width = taps[self.feature_block].width
-        self.conv = head == "conv"
-        if self.conv:
+        if head == "conv":
             if taps[self.feature_block].module is not getattr(fake_score, "mid_block", None):
                 raise ValueError(
                     "method.gan.head: conv reads a UNet's bottleneck feature map (mid_block); "
@@ -314,7 +313,7 @@ class FakeScoreHeadDiscriminator(nn.Module):
     def forward(self, x: Tensor, cond: Conditioning, level: Tensor, noise: Tensor) -> Tensor:
         x_t = self.adapter.param.add_noise(x, noise.to(x), level)
         dtype = next(self.head.parameters()).dtype
-        if self.conv:
+        if isinstance(self.head, ConvClassifierHead):
             return self.head(self.features(x_t, level, cond, as_tokens=False).to(dtype))  # [B, 1]
         h = self.head(self.features(x_t, level, cond).to(dtype))
         return self.out(h.mean(dim=1))  # [B, 1]
