@@ -238,8 +238,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "data_stream_check_disabled",
-        TRAINER,
-        "elif saved != self.data_identity:",
+        "src/senseflow/train/resume.py",
+        "elif saved != current:",
         "elif False:",
         ("tests/test_data_streams.py::test_a_run_is_not_resumed_on_another_data_stream",),
         "test_data_streams' refusal to resume on another data stream",

@@ -340,7 +340,7 @@ def test_largest_batch_is_the_last_that_fits(tiny_folder, data, tmp_path):
 
 
 def errors(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("senseflow: error")]
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
 
 
 @pytest.mark.parametrize(

@@ -356,10 +356,11 @@ def test_checkpoints_with_index_keyed_optimiser_states_still_resume(tiny_teacher
     first = Distiller(_cfg(tiny_teacher_dir, split, "schedule.iterations=3", *WHOLE), progress=False)
     first.run()
     state_file = split / "checkpoints" / "step-00000003" / "state.pt"
-    state = torch.load(state_file, weights_only=False)
+    state = torch.load(state_file, weights_only=True)
     state["optimizers"] = {k: o.state_dict() for k, o in first.optimizers.items()}
     assert isinstance(state["optimizers"]["generator"]["param_groups"][0]["params"][0], int)
     torch.save(state, state_file)
+    (state_file.parent / ckpt.MANIFEST).unlink()  # earlier versions wrote no manifest
     cfg = _cfg(tiny_teacher_dir, split, "schedule.iterations=6", "checkpoint.resume=latest", *WHOLE)
     Distiller(cfg, progress=False).run()
     _assert_identical(_weights(straight, 6), _weights(split, 6))

@@ -107,7 +107,7 @@ def test_every_shipped_training_recipe_starts_or_refuses_in_one_line(installed, 
             assert "done: 1 iterations" in result.stdout
         else:  # a hub teacher not in this machine's cache, or a part this version lacks: one clear line
             assert result.returncode == 2
-            errors = [line for line in result.stderr.splitlines() if line.startswith("senseflow: error")]
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
             assert len(errors) == 1, result.stderr
             assert (
                 "cannot build it yet" in errors[0]

@@ -1,7 +1,10 @@
 """``senseflow generate``: images from a distilled student for a prompt file, with fixed seeds.
 
 ``--run`` is a run folder (its newest checkpoint, or ``--checkpoint``) or a folder written by
-``senseflow export --format diffusers`` (recognised by its ``senseflow/export.json``).
+``senseflow export --format diffusers`` (recognised by its ``senseflow/export.json``). Every argument
+is checked before the student loads. An ``--out`` that holds an earlier run's images is refused unless
+``--overwrite`` is given, which removes only what ``generate`` writes (``NNNNN.png``, ``grid.png``,
+``index.jsonl``), once the student has loaded; other files in the folder are kept.
 
 Where the time goes and what each switch changes:
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -35,9 +39,12 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from senseflow import inputs
 from senseflow.data.index import read_prompt_list
+from senseflow.errors import UsageError
 from senseflow.metrics.image_io import quantise
 from senseflow.student import SAMPLERS, STAGES, StageTimer, Student, is_export
+from senseflow.train.run_folder import checkpoint_folder, run_folder
 from senseflow.viz import image_grid
 
 DEFAULT_BATCH_SIZE = 8  # prompts per batch; activations grow with it, so lower it when a GPU runs out
@@ -49,6 +56,9 @@ WRITE_STAGE = {"write": "waiting for PNG writes"}
 WRITER_THREADS = 4  # PNG encoding mostly runs outside the GIL, so writers overlap with sampling
 IN_FLIGHT_BATCHES = 2  # batches being written while the next is sampled
 GRID_COMPRESSION = 1  # zlib level of the preview grid: lossless at any level, 1 about twice as fast as 6
+OUTPUT_IMAGE = re.compile(r"^\d{5,}\.png$")  # the images' names, f"{index:05d}.png"
+GRID_FILE = "grid.png"
+INDEX_FILE = "index.jsonl"
 
 
 def load_student(run: str | Path, checkpoint: str | None = None, device: str = "auto", dtype: str = "auto"):
@@ -152,7 +162,7 @@ def generate(
     wait = timer.stage if timer is not None else (lambda _name: nullcontext())
     first: list[Future] = []  # the grid's images
     in_flight: deque[list[Future]] = deque()
-    with ThreadPoolExecutor(WRITER_THREADS) as writers, (out_dir / "index.jsonl").open("w") as index:
+    with ThreadPoolExecutor(WRITER_THREADS) as writers, (out_dir / INDEX_FILE).open("w") as index:
         grid = None
         for start, batch in student.batches(prompts, seeds, sampler, batch_size, timer, progress):
             if len(in_flight) == IN_FLIGHT_BATCHES:
@@ -163,7 +173,7 @@ def generate(
             in_flight.append(futures)
             first.extend(futures[: GRID_IMAGES - len(first)])
             if grid is None and len(first) == min(GRID_IMAGES, len(prompts)):
-                grid = writers.submit(_write_grid, first, out_dir / "grid.png")
+                grid = writers.submit(_write_grid, first, out_dir / GRID_FILE)
             for i, name in enumerate(names, start):
                 record = {"file": name, "prompt": prompts[i], "seed": seeds[i], "sampler": sampler}
                 index.write(json.dumps(record) + "\n")
@@ -172,19 +182,68 @@ def generate(
             return grid.result()
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    prompts = list(args.prompt or [])
+def earlier_outputs(out: Path) -> list[Path]:
+    """The files an earlier ``generate`` wrote into ``out`` (``NNNNN.png``, ``grid.png``,
+    ``index.jsonl``): what ``--overwrite`` removes. Any other file is the user's and is kept."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        p
+        for p in out.iterdir()
+        if p.is_file() and (OUTPUT_IMAGE.match(p.name) or p.name in (GRID_FILE, INDEX_FILE))
+    )
+
+
+def check_out(out: Path, overwrite: bool) -> list[Path]:
+    """Refuse an ``--out`` that is a file or holds an earlier run's images (unless ``overwrite``);
+    the earlier outputs to remove before writing."""
+    inputs.output_folder(out, "--out")
+    earlier = earlier_outputs(out)
+    if earlier and not overwrite:
+        raise UsageError(
+            f"the output folder holds images from an earlier run (--out {out}: {len(earlier)} files such as "
+            f"{earlier[0].name}): pass --overwrite to replace them (other files are kept), or choose "
+            "another --out"
+        )
+    return earlier
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every argument checked before the student loads; the prompts."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    if args.decode_batch_size is not None and args.decode_batch_size < 1:
+        raise ValueError(f"--decode-batch-size: must be at least 1, got {args.decode_batch_size}")
+    prompts = inputs.check_prompts(list(args.prompt or []), "--prompt", "on the command line")
     if args.prompts:
         prompts += read_prompt_list(Path(args.prompts), "--prompts")
     if not prompts:
-        raise ValueError("give --prompt (repeatable) or --prompts FILE")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: must be at least 1, got {args.batch_size}")
+        raise UsageError(
+            "no prompts (--prompt, --prompts): give --prompt TEXT (repeatable) or --prompts FILE"
+        )
+    inputs.seed(args.seed, "--seed", len(prompts))
+    inputs.device(args.device, "--device")
+    run = run_folder(args.run, "--run")
+    if args.checkpoint and is_export(run):
+        raise UsageError(
+            f"an exported folder holds one network (--checkpoint {args.checkpoint}): drop --checkpoint "
+            f"to sample the export in {run}"
+        )
+    if args.checkpoint:
+        checkpoint_folder(args.checkpoint, "--checkpoint")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    prompts = check_args(args)
+    out = Path(args.out)
+    earlier = check_out(out, args.overwrite)
     student = load_student(args.run, args.checkpoint, device=args.device, dtype=args.dtype)
     configure(student, args.decode_batch_size, args.vae_tiling, args.vae_slicing, args.compile)
+    for path in earlier:  # only now: a student that fails to load leaves the earlier images alone
+        path.unlink()
     timer = StageTimer(student.device)
     start = time.perf_counter()
-    out = Path(args.out)
     grid = generate(student, prompts, args.seed, args.sampler, out, args.batch_size, timer, not args.quiet)
     total = time.perf_counter() - start
     print(f"{len(prompts)} images written to {args.out} (grid: {grid}) in {total:.2f} s")
@@ -211,7 +270,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the few-step chain (default: an export's own, else renoise)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    p.add_argument("--out", default="runs/generated")
+    p.add_argument(
+        "--out",
+        default="runs/generated",
+        help="output folder; one that holds an earlier run's images is refused unless --overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the images, grid.png and index.jsonl of an earlier run in --out (other files stay)",
+    )
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument(
         "--batch-size",

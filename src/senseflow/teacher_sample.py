@@ -15,14 +15,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from senseflow import inputs
 from senseflow.config import load_config
 from senseflow.config.registry import family_spec
 from senseflow.core.sampling import seeded_noise
 from senseflow.data.index import read_prompt_list
 from senseflow.devices import resolve_device, to_dtype
+from senseflow.errors import UsageError
 from senseflow.models import FamilyAdapter, build_adapter
 from senseflow.models.build import build_roles
 from senseflow.models.sampling import scheduler_sample
+
+#: The largest --height / --width, well above the 1024 to 2048 pixels the supported teachers sample at:
+#: a larger value is a typo whose latents and attention alone would fill the memory.
+MAX_SIDE = 4096
 
 
 def adapter_for_teacher(
@@ -85,14 +91,49 @@ def teacher_sample(
     return {"latents": final.float().cpu(), "images": images.permute(0, 2, 3, 1).float().cpu().contiguous()}
 
 
-def cmd_teacher_sample(args: argparse.Namespace) -> None:
+def read_latents(path: str) -> torch.Tensor:
+    """The tensor ``latents`` of a safetensors file, or one error naming ``--latents``."""
+    from safetensors import SafetensorError
+
+    source = inputs.existing_file(path, "--latents")
+    try:
+        stored = load_file(str(source))
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(
+            f"not a safetensors file (--latents {source}: {exc}): give a file written by safetensors' "
+            "save_file with a tensor 'latents'"
+        ) from None
+    if "latents" not in stored:
+        raise ValueError(f"--latents: {source} holds no tensor named 'latents'")
+    return stored["latents"]
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Every argument checked before the teacher loads; the prompts."""
+    for option in ("height", "width", "steps", "max_sequence_length"):
+        inputs.at_least(getattr(args, option), 1, "--" + option.replace("_", "-"))
+    for option in ("height", "width"):
+        if getattr(args, option) > MAX_SIDE:
+            raise UsageError(
+                f"image too large (--{option} {getattr(args, option)}): the teachers sample at most "
+                f"{MAX_SIDE} pixels a side"
+            )
+    inputs.finite(args.guidance, "--guidance", minimum=0)
+    to_dtype(args.dtype, "--dtype")
+    spec = family_spec(args.family)
+    if spec is None or spec.recipe is None:
+        raise ValueError(f"--family: '{args.family}' has no shipped recipe to sample its teacher with")
+    inputs.existing_folder(args.teacher, "--teacher")
     prompts = read_prompt_list(Path(args.prompts), "--prompts")
-    latents = None
-    if args.latents:
-        stored = load_file(args.latents)
-        if "latents" not in stored:
-            raise ValueError(f"--latents: {args.latents} holds no tensor named 'latents'")
-        latents = stored["latents"]
+    inputs.seed(args.seed, "--seed", len(prompts))
+    inputs.device(args.device, "--device")
+    inputs.output_file(args.out, "--out")
+    return prompts
+
+
+def cmd_teacher_sample(args: argparse.Namespace) -> None:
+    prompts = check_args(args)
+    latents = read_latents(args.latents) if args.latents else None
     adapter = adapter_for_teacher(
         args.family,
         args.teacher,

@@ -10,38 +10,117 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
     field_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from senseflow.config.errors import field_error
 
 __all__ = [
     "ANCHOR_UNITS",
+    "DEVICE_CHOICES",
     "AnchorsConfig",
+    "Device",
+    "FiniteFloat",
     "GuidanceRange",
     "LogitNormalDist",
+    "NonNegativeFloat",
+    "NonNegativeInt",
+    "PositiveFloat",
     "PositiveInt",
+    "Probability",
+    "Seed",
+    "StrictModel",
     "TimestepDist",
     "UniformDist",
     "UniformIndexDist",
+    "UnitInterval",
+    "check_device",
     "looks_like_local_path",
 ]
 
-PositiveInt = Annotated[int, Field(ge=1)]  # reported as "expected a value >= 1"
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------------
+#
+# Every number of a recipe has one of the types below: a boolean is refused where a number is expected
+# (pydantic would read ``true`` as 1), NaN and +-inf are refused (here and, for any plain ``float``, by
+# ``allow_inf_nan=False`` on the base models), and the bound is part of the type, so the error
+# formatter can say "must be a finite number > 0, got inf" from the schema alone. Strings that spell
+# a number (``"1e-5"``) are still read as that number.
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_bool", "expected a number, got a boolean")
+    return value
+
+
+_NOT_BOOL = BeforeValidator(_refuse_bool)
+_FINITE = Field(allow_inf_nan=False)
+
+FiniteFloat = Annotated[float, _NOT_BOOL, _FINITE]
+"""Any finite real number; for fields whose sign is meaningful (a mean, an offset)."""
+PositiveFloat = Annotated[float, _NOT_BOOL, _FINITE, Field(gt=0)]
+"""A finite number > 0: learning rates, epsilons, scales, timeouts."""
+NonNegativeFloat = Annotated[float, _NOT_BOOL, _FINITE, Field(ge=0)]
+"""A finite number >= 0: loss weights, guidance strengths, thresholds (0 switches the term off)."""
+Probability = Annotated[float, _NOT_BOOL, _FINITE, Field(ge=0, le=1)]
+"""A probability, interpolation weight or fraction in [0, 1]."""
+UnitInterval = Annotated[float, _NOT_BOOL, _FINITE, Field(ge=0, lt=1)]
+"""A number in [0, 1): Adam betas, dropout."""
+PositiveInt = Annotated[int, _NOT_BOOL, Field(ge=1)]
+"""An integer >= 1: counts, sizes, periods, iterations."""
+NonNegativeInt = Annotated[int, _NOT_BOOL, Field(ge=0)]
+"""An integer >= 0: worker counts, warm-up lengths, grid indices."""
+Seed = Annotated[int, _NOT_BOOL, Field(ge=0, le=2**63 - 1)]
+"""A random seed: 0 .. 2**63 - 1 (what torch's and numpy's generators accept)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------------
+
+#: The device strings :func:`senseflow.devices.resolve_device` accepts (checked here without torch).
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(value: str) -> str:
+    """``value`` when it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; else ``ValueError``."""
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(f"expected {DEVICE_CHOICES}, got {value!r}")
+    return value
+
+
+Device = Annotated[str, AfterValidator(check_device)]
+"""A device name as :func:`senseflow.devices.resolve_device` takes it: auto, cpu, cuda or cuda:N."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Base classes
+# --------------------------------------------------------------------------------------------------
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe model: unknown keys refused, NaN and +-inf refused in every float."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+class _Section(StrictModel):
+    model_config = ConfigDict(validate_assignment=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +145,14 @@ def _check_existing_path(value: str, what: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def _spells_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class GuidanceRange(_Section):
     """Teacher guidance strength drawn uniformly from [min, max] on every call (fixed when min == max).
 
@@ -78,8 +165,17 @@ class GuidanceRange(_Section):
     @model_validator(mode="before")
     @classmethod
     def _scalar_shorthand(cls, data: Any) -> Any:
-        if isinstance(data, (int, float)) and not isinstance(data, bool):
+        if isinstance(data, str) and _spells_number(data):
+            data = float(data)
+        if (
+            isinstance(data, (int, float))
+            and not isinstance(data, bool)
+            and math.isfinite(data)
+            and data >= 0
+        ):
             return {"min": data, "max": data}
+        if isinstance(data, (bool, int, float, str)):  # one problem, not one for min and one for max
+            raise ValueError(f"must be a finite number >= 0 or {{min, max}}, got {data!r}")
         if isinstance(data, (list, tuple)) and len(data) == 2:
             return {"min": data[0], "max": data[1]}
         return data
@@ -118,8 +214,8 @@ class UniformDist(_Section):
     """Uniform real value in [low, high] within [0, 1] (flow time or sigma)."""
 
     kind: Literal["uniform"] = Field(description="Discriminator: uniform real value.")
-    low: float = Field(ge=0.0, le=1.0, description="Lower end in [0, 1].")
-    high: float = Field(ge=0.0, le=1.0, description="Upper end in [0, 1], >= low.")
+    low: Probability = Field(description="Lower end in [0, 1].")
+    high: Probability = Field(description="Upper end in [0, 1], >= low.")
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -132,8 +228,9 @@ class LogitNormalDist(_Section):
     """sigma = sigmoid(N(mean, std)), as diffusers ``compute_density_for_timestep_sampling`` (§3, §4)."""
 
     kind: Literal["logit_normal"] = Field(description="Discriminator: logit-normal sigma.")
-    mean: float = Field(
-        default=0.0, description="Mean of the normal before the sigmoid; 0.0 in the code (§3, §4)."
+    mean: FiniteFloat = Field(
+        default=0.0,
+        description="Mean of the normal before the sigmoid (any sign); 0.0 in the code (§3, §4).",
     )
     std: PositiveFloat = Field(
         default=1.0, description="Std of the normal before the sigmoid (> 0); 1.0 in the code."
@@ -166,7 +263,7 @@ ANCHOR_UNITS: dict[str, str] = {
 class AnchorsConfig(_Section):
     """The student's anchor timesteps a_0 > a_1 > ... (4 in every recipe, §7)."""
 
-    values: list[float] = Field(
+    values: list[FiniteFloat] = Field(
         min_length=1,
         description=(
             "Anchor values, strictly decreasing, in `units`. Recipes: SDXL t {999,749,499,249}; SD3.5 "

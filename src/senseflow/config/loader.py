@@ -5,11 +5,15 @@ Pipeline of :func:`load_config`:
 
 1. read the YAML recipe (or take a mapping), resolving ``base:`` inheritance (deep merge, paths
    relative to the file that names them);
-2. apply dotted ``key.sub=value`` overrides, each value parsed with ``yaml.safe_load``;
+2. apply dotted ``key.sub=value`` overrides, each value parsed as YAML;
 3. validate with the schema.
 
-Every failure (missing file, invalid YAML, unknown key, wrong type, out-of-range value, failed
-cross-field check) raises :class:`ConfigError` with one line per problem, the dotted field path first.
+YAML is read with :class:`RecipeLoader`, a ``yaml.SafeLoader`` that refuses a key repeated in one
+mapping and reads ``1e-5`` as a number (YAML 1.2), for files and override values alike.
+
+Every failure (missing file, invalid YAML, duplicate key, unknown key, wrong type, out-of-range or
+non-finite value, failed cross-field check) raises :class:`ConfigError`: one problem per entry of
+``problems``, the dotted field path first, and a one-line message.
 The error type and the formatting of pydantic errors live in :mod:`senseflow.config.errors`; their
 names are re-exported here.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +37,8 @@ from senseflow.config.recipes import resolve_recipe, shipped_recipe, shipped_rec
 __all__ = [
     "BASE_KEY",
     "ConfigError",
+    "DuplicateKeyError",
+    "RecipeLoader",
     "apply_overrides",
     "deep_merge",
     "dump_config",
@@ -39,6 +46,7 @@ __all__ = [
     "flatten_config",
     "format_validation_error",
     "load_config",
+    "load_yaml",
     "read_recipe",
     "save_resolved",
     "suggest",
@@ -54,6 +62,76 @@ BASE_KEY = "base"
 # --------------------------------------------------------------------------------------------------
 # Reading recipes
 # --------------------------------------------------------------------------------------------------
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (``path`` is the dotted key, ``line``/``first`` 1-based)."""
+
+    def __init__(self, path: str, key: Any, at: yaml.Mark, first: yaml.Mark) -> None:
+        self.path, self.key = path, key
+        self.line, self.first = at.line + 1, first.line + 1
+        if self.line == self.first:  # a flow mapping on one line: say the columns
+            self.where = f"line {self.line}, column {at.column + 1} (first at column {first.column + 1})"
+        else:
+            self.where = f"line {self.line} (first at line {self.first})"
+        super().__init__(f"duplicate key {key!r} at {self.where}")
+
+    def describe(self, source: str) -> str:
+        return f"{self.path}: duplicate key {self.key!r} in {source}, {self.where}"
+
+
+# A YAML 1.2 float without a dot ('1e-5', '3E+2'), which PyYAML's YAML 1.1 rules read as a string.
+_EXPONENT_FLOAT = re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+\Z")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (instead of keeping the last)
+    and reads ``1e-5`` as a float, as YAML 1.2 does."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_duplicates(node, [], set())
+        return super().construct_document(node)
+
+    def _check_duplicates(self, node: yaml.Node, path: list[str], seen: set[int]) -> None:
+        if id(node) in seen:  # an alias met again (recursive anchors end here)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._check_duplicates(item, [*path, str(index)], seen)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base': later keys override it
+                    self._check_duplicates(value_node, path, seen)
+                    continue
+                key = (
+                    self.construct_object(key_node, deep=True)
+                    if isinstance(key_node, yaml.ScalarNode)
+                    else None
+                )
+                mark = key_node.start_mark
+                try:
+                    earlier = first.get(key) if key is not None else None
+                except TypeError:  # an unhashable key; construct_mapping reports it
+                    earlier = None
+                if earlier is not None:
+                    raise DuplicateKeyError(".".join([*path, str(key)]), key, mark, earlier)
+                if key is not None:
+                    first[key] = mark
+                self._check_duplicates(value_node, [*path, str(key)], seen)
+
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse one YAML document with :class:`RecipeLoader` (safe: plain data only)."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _yaml_load_file(path: Path) -> Any:
@@ -73,8 +151,14 @@ def _yaml_load_file(path: Path) -> Any:
         raise ConfigError(f"recipe path is a directory, expected a YAML file: '{path}'") from None
     except OSError as exc:
         raise ConfigError(f"cannot read recipe file '{path}': {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"recipe file '{path}' is not UTF-8 text (bad byte at offset {exc.start}); expected a YAML file"
+        ) from None
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(exc.describe(f"'{path}'")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -162,7 +246,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in parts):
         raise ConfigError(f"override {item!r}: expected 'dotted.key=value' with a non-empty dotted key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{key}.{exc.path}: duplicate key {exc.key!r} in override {item!r}") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{key}: override value {raw!r} is not valid YAML ({problem})") from None
@@ -253,7 +339,7 @@ def load_config(
 
     ``schema`` defaults to :class:`senseflow.config.schema.DistillConfig`. Overrides look like
     ``optim.generator.lr=1e-6``, ``method.ida.enabled=false`` or ``model.anchors.values=[999,749,499,249]``;
-    the value is parsed with ``yaml.safe_load``. Raises :class:`ConfigError` on any problem.
+    the value is parsed as YAML. Raises :class:`ConfigError` on any problem.
     """
     if schema is None:
         from senseflow.config.schema import DistillConfig

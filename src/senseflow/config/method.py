@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from senseflow.config.common import GuidanceRange, PositiveInt, TimestepDist, _Section
+from senseflow.config.common import (
+    GuidanceRange,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    TimestepDist,
+    _Section,
+)
 from senseflow.config.errors import field_error, suggest
 from senseflow.config.registry import discriminator_spec, known_discriminators
 
@@ -63,10 +72,8 @@ class IDAConfig(_Section):
         default=True,
         description="Run IDA. Off only in the official SDXL trainer; the paper uses it everywhere (§5, §11).",
     )
-    lam: float | None = Field(
+    lam: Probability | None = Field(
         default=None,
-        ge=0.0,
-        le=1.0,
         description=(
             "Interpolation weight lambda in [0, 1]; required when enabled. Code: 0.97 SD3.5 Large and FLUX, "
             "0.98 SD3.5 Medium; SDXL and the paper's value unknown (§5, §12.1-2)."
@@ -104,11 +111,11 @@ class ISGConfig(_Section):
     )
     margin: NonNegativeInt | None = Field(
         default=None,
+        le=999,
         description=(
             "t_mid margin m on the 1000-step grid (sigma*1000 for FLUX, table index for SD3.5, DDPM step for "
-            "SDXL): t_mid ~ U[a_{j+1}+m, a_j-m]. Code: 20 FLUX/SDXL, 50 SD3.5; 0 approximates the "
-            "paper (§6). "
-            "Required when weight > 0."
+            "SDXL): t_mid ~ U[a_{j+1}+m, a_j-m], 0..999. Code: 20 FLUX/SDXL, 50 SD3.5; 0 approximates "
+            "the paper (§6). Required when weight > 0."
         ),
     )
     teacher_guidance: GuidanceRange | None = Field(
@@ -230,16 +237,12 @@ class GANConfig(_Section):
         default_factory=lambda: ["color", "translation", "cutout"],
         description="DiffAugment policy applied to D's input image only, real and fake drawn apart (§8.1).",
     )
-    diffaug_translation: float = Field(
+    diffaug_translation: Probability = Field(
         default=0.125,
-        ge=0.0,
-        le=1.0,
         description="DiffAugment's largest shift as a fraction of the side: 1/8 in the code and paper (§13).",
     )
-    diffaug_cutout: float = Field(
+    diffaug_cutout: Probability = Field(
         default=0.2,
-        ge=0.0,
-        le=1.0,
         description="DiffAugment's cutout side as a fraction of the image side: 0.2 in the code (§13).",
     )
     head: Literal["mlp", "conv"] = Field(
@@ -346,10 +349,8 @@ class MethodConfig(_Section):
             "before the fake score has trained; earlier senseflow versions, kept by the toy recipe)."
         ),
     )
-    backward_sim_prob: float = Field(
+    backward_sim_prob: Probability = Field(
         default=0.5,
-        ge=0.0,
-        le=1.0,
         description="Probability of backward simulation for G's input; 0.5 in the code (§2, §7).",
     )
     randomness: Literal["global", "per_rank", "per_sample"] = Field(

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal, Self
+from typing import Literal, Self
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from senseflow.config.common import PositiveInt, _check_existing_path, _Section
+from senseflow.config.common import (
+    Device,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Seed,
+    UnitInterval,
+    _check_existing_path,
+    _Section,
+)
 from senseflow.config.errors import field_error
 
 __all__ = [
@@ -39,7 +49,7 @@ class OptimizerConfig(_Section):
     lr: PositiveFloat = Field(
         default=1e-6, description="Learning rate (> 0); 1e-6 for every network in the code (§9)."
     )
-    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+    betas: tuple[UnitInterval, UnitInterval] = Field(
         default=(0.9, 0.999),
         description="Adam betas, each in [0, 1); (0.9, 0.999) in the code and paper (§9).",
     )
@@ -72,13 +82,11 @@ class OptimConfig(_Section):
             "in iterations (the official schedulers step every iteration), not in a network's updates."
         ),
     )
-    warmup_start_factor: float = Field(
+    warmup_start_factor: Probability = Field(
         default=1.0,
-        ge=0.0,
-        le=1.0,
         description=(
-            "LR at the start of warm-up as a fraction of the LR (start). SDXL's and SD 3.5's configs start "
-            "at the maximum (1.0: a constant LR); FLUX's goes from 5e-6 to 1e-5 (0.5) (§9)."
+            "LR at the start of warm-up as a fraction of the LR (start, in [0, 1]). SDXL's and SD 3.5's "
+            "configs start at the maximum (1.0: a constant LR); FLUX's goes from 5e-6 to 1e-5 (0.5) (§9)."
         ),
     )
 
@@ -191,25 +199,20 @@ class ParallelConfig(_Section):
     )
     timeout_minutes: PositiveFloat = Field(
         default=30.0,
+        le=1_000_000,
         description=(
-            "Process-group timeout: a collective waiting longer (a rank died or hangs) ends the job with an "
-            "error instead of hanging; raise it when checkpoints take longer to write (project default)."
+            "Process-group timeout in minutes (> 0, at most 1e6): a collective waiting longer (a rank died "
+            "or hangs) ends the job with an error instead of hanging; raise it when checkpoints take "
+            "longer to write (project default)."
         ),
     )
-    device: str = Field(
+    device: Device = Field(
         default="auto",
         description=(
             "auto (this rank's GPU, LOCAL_RANK, when CUDA is available, else the CPU), cpu, cuda or cuda:N "
             "(project default)."
         ),
     )
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _sharding_fields(self) -> Self:
@@ -236,7 +239,9 @@ class LoggingConfig(_Section):
         ],
         description="Prompts rendered at every sample_every (one image per prompt and seed).",
     )
-    sample_seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds for the sample grid.")
+    sample_seeds: list[Seed] = Field(
+        default_factory=lambda: [0], description="Seeds for the sample grid (each >= 0)."
+    )
     sample_sampler: Literal["renoise", "euler"] = Field(
         default="renoise",
         description=(
@@ -268,10 +273,19 @@ class CheckpointConfig(_Section):
             "(project default)."
         ),
     )
+    verify: Literal["sha256", "size"] = Field(
+        default="sha256",
+        description=(
+            "What each checkpoint's manifest records of its files, and resume and generate check: their "
+            "size and SHA-256 (catches a flipped byte; hashing reads the checkpoint once more after "
+            "writing it) or only their size (for checkpoints of hundreds of GB) (project default)."
+        ),
+    )
     resume: str | None = Field(
         default=None,
         description=(
-            "null (fresh start), 'latest' (newest checkpoint in output_dir, if any) or an existing "
+            "null (a new run), 'latest' (the newest good checkpoint in output_dir; an error without one), "
+            "'auto' (the same, or a new run when there is none: requeued jobs) or an existing "
             "checkpoint path."
         ),
     )
@@ -279,10 +293,10 @@ class CheckpointConfig(_Section):
     @field_validator("resume")
     @classmethod
     def _resume(cls, value: str | None) -> str | None:
-        if value is None or value == "latest":
+        if value is None or value in ("latest", "auto"):
             return value
         if not value.strip():
-            raise ValueError("expected null, 'latest' or a checkpoint path, got an empty string")
+            raise ValueError("expected null, 'latest', 'auto' or a checkpoint path, got an empty string")
         return _check_existing_path(value, "resume checkpoint")
 
 
@@ -300,6 +314,6 @@ class HealthConfig(_Section):
             "below this (images in [-1, 1]): near-identical outputs for different prompts and noise."
         ),
     )
-    saturation_level: float = Field(
-        default=0.98, gt=0.0, le=1.0, description="|pixel| at or above this counts as saturated."
+    saturation_level: PositiveFloat = Field(
+        default=0.98, le=1.0, description="|pixel| at or above this (in (0, 1]) counts as saturated."
     )

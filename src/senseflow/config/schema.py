@@ -20,17 +20,21 @@ import itertools
 import os
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, NonNegativeInt, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from senseflow.config.common import (
     ANCHOR_UNITS,
     AnchorsConfig,
     GuidanceRange,
     LogitNormalDist,
+    NonNegativeInt,
+    PositiveFloat,
     PositiveInt,
+    Seed,
     TimestepDist,
     UniformDist,
     UniformIndexDist,
+    UnitInterval,
     _check_existing_path,
     _Section,
     looks_like_local_path,
@@ -134,10 +138,9 @@ class LoraConfig(_Section):
     the fake score are two LoRA adapters on it and the teacher is the base with adapters disabled."""
 
     rank: PositiveInt = Field(default=64, description="Rank r of both adapters (>= 1) (project default).")
-    alpha: float | None = Field(
+    alpha: PositiveFloat | None = Field(
         default=None,
-        gt=0,
-        description="LoRA alpha; the delta is (alpha / r)·B·A. null: alpha = rank (project default).",
+        description="LoRA alpha (> 0); the delta is (alpha / r)·B·A. null: alpha = rank (project default).",
     )
     target_modules: list[str] = Field(
         default_factory=lambda: list(LORA_TARGET_MODULES),
@@ -154,7 +157,7 @@ class LoraConfig(_Section):
             "(peft's: A as nn.Linear, B zero), gaussian (A normal, B zero), orthogonal (even rank)."
         ),
     )
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout on the adapters' input.")
+    dropout: UnitInterval = Field(default=0.0, description="LoRA dropout on the adapters' input, in [0, 1).")
     ida: Literal["products", "factors"] = Field(
         default="products",
         description=(
@@ -163,9 +166,8 @@ class LoraConfig(_Section):
             "(cheaper, not the mix of the products). docs/results/lora_ida.md measures both."
         ),
     )
-    student_guidance: float = Field(
+    student_guidance: PositiveFloat = Field(
         default=1.0,
-        gt=0,
         description=(
             "Teachers with a guidance input (FLUX.1-dev's embedding): the value the generator and fake score "
             "pass, since in LoRA mode they share the teacher's guidance embedder (1: unguided) (project)."
@@ -281,6 +283,10 @@ class ModelConfig(_Section):
             raise ValueError("expected a local folder or a hub id, got an empty string")
         if looks_like_local_path(value):
             _check_existing_path(value, "local teacher")
+            if not os.path.isdir(os.path.expanduser(value)):
+                raise ValueError(
+                    f"expected a teacher folder (a diffusers pipeline folder), got the file {value!r}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -407,7 +413,7 @@ class DistillConfig(_Section):
     name: str = Field(
         default="senseflow", min_length=1, description="Run name; also the default output folder name."
     )
-    seed: NonNegativeInt = Field(default=71801, description="Global random seed; 71801 in the code (§9).")
+    seed: Seed = Field(default=71801, description="Global random seed (>= 0); 71801 in the code (§9).")
     output_dir: str = Field(
         default="", description="Run folder for checkpoints, logs and samples; defaults to runs/<name>."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from senseflow import inputs
 from senseflow.config import load_config
 from senseflow.config.registry import data_kind_spec, resolve_builder
 from senseflow.data.latents import check_replaceable, vae_identity, write_latent_cache
@@ -19,11 +20,16 @@ from senseflow.devices import resolve_device
 
 
 def cmd_cache_latents(args: argparse.Namespace) -> None:
+    inputs.at_least(args.batch_size, 1, "--batch-size")
+    inputs.at_least(args.shard_size, 1, "--shard-size")
     cfg = load_config(args.recipe, list(args.overrides))
     out = args.out or cfg.data.latent_cache
     if not out:
         raise ValueError("cache-latents: say where to write the cache: --out DIR or data.latent_cache=DIR")
+    inputs.output_folder(out, "--out" if args.out else "data.latent_cache")
     check_replaceable(Path(out).expanduser())  # before the slow part: never over another kind of cache
+    if args.device:
+        inputs.device(args.device, "--device")
     if cfg.data.crop != "center":
         raise ValueError(
             "data.crop: cache-latents stores each sample's center crop (a random crop differs at every "
@@ -39,7 +45,7 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
 
     from senseflow.models import build_adapter
 
-    device = resolve_device(args.device or cfg.parallel.device)
+    device = resolve_device(args.device, "--device") if args.device else resolve_device(cfg.parallel.device)
     adapter = build_adapter(cfg, text_cache=False).to(device)  # only the VAE is used
 
     def encode(images):
@@ -56,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "cache-latents", help="encode a recipe's training images with its VAE once (data.latent_cache)"
     )
     p.add_argument("recipe", help="recipe YAML, or a shipped recipe's name")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=train.json")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.path=train.json")
     p.add_argument("--out", help="cache folder (default: the recipe's data.latent_cache)")
     p.add_argument("--batch-size", type=int, help="images per encoder call (default: data.batch_size)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per safetensors shard")

@@ -233,11 +233,13 @@ def folder_index(path: str | None) -> FileIndex:
 
 
 def read_prompt_list(source: Path, field: str) -> list[str]:
-    """Prompts from a file: a ``.json`` list of strings (or an object with a ``prompts`` list, as in
-    the official format), else one prompt per non-blank line. Errors name ``field``."""
-    if not source.is_file():
-        raise FileNotFoundError(f"{field}: no such file {source}")
-    text = source.read_text(encoding="utf-8-sig")
+    """Prompts from a UTF-8 file: a ``.json`` list of strings (or an object with a ``prompts`` list, as
+    in the official format), else one prompt per non-blank line. Errors name ``field`` and the file:
+    a missing file or a folder, a binary file, no prompt, a prompt over
+    :data:`~senseflow.inputs.MAX_PROMPT_CHARS` characters."""
+    from senseflow.inputs import check_prompts, read_text
+
+    text = read_text(source, field, "prompts", encoding="utf-8-sig")
     if source.suffix.lower() == ".json" or text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -251,8 +253,8 @@ def read_prompt_list(source: Path, field: str) -> list[str]:
     else:
         prompts = [p for p in (line.strip() for line in text.splitlines()) if p]
     if not prompts:
-        raise ValueError(f"{field}: {source} holds no prompt")
-    return prompts
+        raise ValueError(f"the file holds no prompt ({field} {source}): write one prompt per line")
+    return check_prompts(prompts, field, source)
 
 
 def prompt_list(path: str | None) -> tuple[Path, list[str]]:

@@ -16,6 +16,9 @@ import argparse
 import os
 from pathlib import Path
 
+from senseflow.errors import UsageError
+from senseflow.inputs import existing_file, existing_folder, output_folder
+
 
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,6 +41,8 @@ def cmd_weights(args: argparse.Namespace) -> None:
     from senseflow.metrics.weights import MANIFEST, WeightsError, resolve, weights_root
 
     root = weights_root(args.root)
+    if root is not None and root.exists() and not root.is_dir():
+        raise UsageError(f"a file, not a folder ({_root_option(args)} {root}): give the weights root folder")
     print(
         f"weights root: {root if root is not None else '(not configured: --root or $SENSEFLOW_EVAL_WEIGHTS)'}"
     )
@@ -58,13 +63,26 @@ def cmd_weights(args: argparse.Namespace) -> None:
             print(f"{'':<{width}}  from {entry.upstream}; licence {entry.licence}")
 
 
+def _root_option(args: argparse.Namespace) -> str:
+    return "--root" if args.root else "$SENSEFLOW_EVAL_WEIGHTS"
+
+
 def cmd_fetch(args: argparse.Namespace) -> None:
     from senseflow.eval.fetch import fetch
-    from senseflow.metrics.weights import weights_root
+    from senseflow.metrics.weights import MANIFEST, weights_root
 
     root = weights_root(args.root)
     if root is None:
         raise ValueError("fetch-weights needs --root or $SENSEFLOW_EVAL_WEIGHTS (the weights root to fill)")
+    unknown = [n for n in args.names if n not in MANIFEST and n != "all"]
+    if unknown:
+        raise UsageError(
+            f"no such weights ({', '.join(unknown)}): give names from `senseflow eval weights` "
+            f"({', '.join(sorted(MANIFEST))}) or all"
+        )
+    if "all" in args.names and len(args.names) > 1:
+        raise UsageError(f"all with other names ({' '.join(args.names)}): give all alone, or only names")
+    output_folder(root, _root_option(args))
     fetch(args.names, root, force=args.force)
 
 
@@ -86,13 +104,21 @@ def cmd_build_prompts(args: argparse.Namespace) -> None:
     from senseflow.eval import prompts as p
 
     _offline()
+    output_folder(args.out, "--out")
     if args.set == "coco5k":
         if not args.captions:
             raise ValueError("--captions (your captions_val2017.json) is required for coco5k")
+        existing_file(args.captions, "--captions")
         scorer = None
         if args.rule == "max_clip":
             if not (args.clip and args.images and args.clip_name):
                 raise ValueError("--rule max_clip needs --images, --clip (CLIP weights) and --clip-name")
+            existing_folder(args.images, "--images")
+            if not Path(args.clip).expanduser().exists():
+                raise UsageError(f"no such file or folder (--clip {args.clip}): give the CLIP weights")
+            tokenizer = args.clip_tokenizer
+            if tokenizer and not Path(tokenizer).expanduser().exists():
+                raise UsageError(f"no such file or folder (--clip-tokenizer {tokenizer}): check the path")
             scorer = _clip_caption_scorer(args.clip, args.clip_tokenizer)
         record = p.build_coco5k(
             args.captions,
@@ -107,6 +133,7 @@ def cmd_build_prompts(args: argparse.Namespace) -> None:
     else:
         if not args.dataset:
             raise ValueError("--dataset (examples/dataset of your T2I-CompBench checkout) is required")
+        existing_folder(args.dataset, "--dataset")
         info = p.build_compbench_prompts(args.dataset, args.out)
         sidecar = info["sidecar"]
         state = "built" if sidecar.get("built") else f"not built ({sidecar.get('reason')})"
@@ -117,11 +144,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from senseflow.eval.prompts import COCO5K_RULES
 
     ev = subparsers.add_parser("eval", help="evaluate teacher and students: FID-T, CLIP, HPSv2, ... tables")
-    sub = ev.add_subparsers(dest="eval_command", required=True)
+    sub = ev.add_subparsers(
+        dest="eval_command", metavar="{run,weights,fetch-weights,build-prompts}", required=True
+    )
 
     run = sub.add_parser("run", help="generate (or reuse) images, score them, write records and a table")
     run.add_argument("recipe", type=Path, help="evaluation recipe (YAML), e.g. configs/eval/toy.yaml")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. prompts.limit=100")
+    run.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. prompts.limit=100")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 

@@ -10,21 +10,35 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from senseflow.metrics.image_io import QUANTISATION_RULES
+from senseflow.config.common import (
+    Device,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    StrictModel,
+)
 
 __all__ = [
+    "DiversityConfig",
     "EvalConfig",
     "FidConfig",
     "MetricsConfig",
     "ModelEntry",
+    "PrecisionRecallConfig",
     "PromptsConfig",
 ]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+#: The quantisation rules of :mod:`senseflow.metrics.image_io` (``QUANTISATION_RULES``), named here so
+#: that reading a recipe imports no array library; a test keeps the two equal.
+QUANTISATION = ("truncate", "round")
+
+
+class _Section(StrictModel):
+    """Unknown keys, booleans for numbers, NaN and +-inf are refused (see senseflow.config.common)."""
 
 
 class PromptsConfig(_Section):
@@ -35,13 +49,13 @@ class PromptsConfig(_Section):
         "written by 'senseflow eval build-prompts coco5k'; lines: one prompt per line."
     )
     path: str | None = Field(None, description="The prompt file (tsv and lines).")
-    limit: int | None = Field(None, ge=1, description="Use only the first N prompts (quick runs).")
+    limit: PositiveInt | None = Field(None, description="Use only the first N prompts (quick runs).")
     name: str | None = Field(None, description="Label of the set in the record (default: file stem / 'toy').")
     toy_splits: list[Literal["train", "val", "test", "heldout"]] = Field(
         default_factory=lambda: ["train", "test", "heldout"], description="toy: grammar splits to sample."
     )
-    toy_per_split: int = Field(50, ge=1, description="toy: prompts per split.")
-    toy_seed: int = Field(0, description="toy: seed of the prompt draw.")
+    toy_per_split: PositiveInt = Field(50, description="toy: prompts per split.")
+    toy_seed: Seed = Field(0, description="toy: seed of the prompt draw (>= 0).")
 
     @model_validator(mode="after")
     def _path_needed(self) -> Self:
@@ -53,7 +67,7 @@ class PromptsConfig(_Section):
 class SeedsConfig(_Section):
     """Image ``i`` of a model uses seed ``base + i`` (the same seeds for every model)."""
 
-    base: int = Field(0, description="Seed of the first prompt.")
+    base: Seed = Field(0, description="Seed of the first prompt (>= 0).")
     scheme: Literal["base+index"] = "base+index"
 
 
@@ -73,9 +87,11 @@ class ModelEntry(_Section):
     )
     checkpoint: str | None = Field(None, description="student: checkpoint folder (default: the newest).")
     sampler: str | None = Field(None, description="student: renoise | euler; teachers: their own sampler.")
-    steps: int | None = Field(None, ge=1, description="Teacher sampling steps (default: the teacher's).")
-    guidance: float | None = Field(None, ge=0, description="Teacher guidance (default: the teacher's).")
-    batch_size: int = Field(32, ge=1, description="Images generated per forward batch.")
+    steps: PositiveInt | None = Field(None, description="Teacher sampling steps (default: the teacher's).")
+    guidance: NonNegativeFloat | None = Field(
+        None, description="Teacher guidance, >= 0 (default: the teacher's)."
+    )
+    batch_size: PositiveInt = Field(32, description="Images generated per forward batch.")
 
     @model_validator(mode="after")
     def _name_is_a_folder_name(self) -> Self:
@@ -94,8 +110,8 @@ class FidConfig(_Section):
         None, description="Explicit Inception file; default: the manifest entry 'weights_name'."
     )
     weights_name: Literal["fid.inception", "fid.inception_fid_helper"] = "fid.inception"
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(0, ge=0, description="DataLoader workers decoding and resizing images.")
+    batch_size: PositiveInt = 32
+    num_workers: NonNegativeInt = Field(0, description="DataLoader workers decoding and resizing images.")
 
 
 class ClipScoreConfig(_Section):
@@ -115,11 +131,11 @@ class HpsConfig(_Section):
     path: str | None = None
     tokenizer: str | None = None
     antialias: bool = Field(True, description="Antialiasing of the tensor resize to 224 (recorded).")
-    vision_heads: int | None = Field(
-        None, ge=1, description="Override of the ViT-H-14 head count (open_clip files)."
+    vision_heads: PositiveInt | None = Field(
+        None, description="Override of the ViT-H-14 head count (open_clip files)."
     )
-    text_heads: int | None = Field(
-        None, ge=1, description="Override of the text head count (open_clip files)."
+    text_heads: PositiveInt | None = Field(
+        None, description="Override of the text head count (open_clip files)."
     )
 
     @model_validator(mode="after")
@@ -140,8 +156,8 @@ class ImageRewardConfig(_Section):
     path: str | None = None
     med_config: str | None = None
     tokenizer: str | None = Field(None, description="bert-base-uncased tokenizer folder.")
-    vision_heads: int | None = Field(
-        None, ge=1, description="ViT heads (default: width / 64, i.e. 16 for ViT-L)."
+    vision_heads: PositiveInt | None = Field(
+        None, description="ViT heads (default: width / 64, i.e. 16 for ViT-L)."
     )
 
 
@@ -166,8 +182,8 @@ class CompBenchConfig(_Section):
     categories: list[Literal["color", "shape", "texture", "spatial", "non_spatial", "complex"]] = Field(
         default_factory=lambda: ["color", "shape", "texture", "spatial", "non_spatial", "complex"]
     )
-    images_per_prompt: int = Field(10, ge=1, description="The official 3-in-1 assumes 10.")
-    limit_prompts: int | None = Field(None, ge=1, description="First N prompts per category (quick runs).")
+    images_per_prompt: PositiveInt = Field(10, description="The official 3-in-1 assumes 10.")
+    limit_prompts: PositiveInt | None = Field(None, description="First N prompts per category (quick runs).")
     blip_vqa: str | None = Field(None, description="BLIP-VQA folder; default: manifest compbench.blip_vqa.")
     blip_tokenizer: str | None = Field(None, description="BERT vocab folder/file; default: the BLIP folder.")
     clip: str | None = Field(
@@ -181,11 +197,11 @@ class CompBenchConfig(_Section):
         True, description="Write the official file layout (symlinks) for external runs."
     )
     evaluator_version: str = Field("T2I-CompBench NeurIPS 2023 (re-implemented)", description="Recorded.")
-    np_num: int = Field(8, ge=1)
+    np_num: PositiveInt = 8
     exclude_chunks: list[str] = Field(default_factory=lambda: ["top", "the side", "the left", "the right"])
     round4: bool = True
-    vqa_image_size: int = Field(480, ge=16)
-    batch_size: int = Field(32, ge=1)
+    vqa_image_size: PositiveInt = Field(480, ge=16, description="Side BLIP-VQA sees (>= 16).")
+    batch_size: PositiveInt = 32
 
     @model_validator(mode="after")
     def _prompts_needed(self) -> Self:
@@ -194,15 +210,49 @@ class CompBenchConfig(_Section):
         return self
 
 
+class PrecisionRecallConfig(_Section):
+    """Kynkäänniemi et al. (2019) k-NN precision and recall of every model against the reference, on the
+    features FID-T already extracts (Inception pool features; the toy features in the shapes world)."""
+
+    enabled: bool = Field(
+        True, description="Computed wherever FID-T is (metrics.fid or the toy panel); false to skip."
+    )
+    k: PositiveInt = Field(3, description="k of the k-nearest-neighbour radii (the paper's default: 3).")
+    chunk_size: PositiveInt = Field(
+        1024, description="Rows per block of the distance computation (memory: chunk_size x N doubles)."
+    )
+
+
+class DiversityConfig(_Section):
+    """Intra-prompt diversity: for each of the first ``prompts`` prompts, ``seeds_per_prompt`` extra
+    images (seed ``seeds.base + seed_offset + prompt * seeds_per_prompt + k``) in their own folder
+    ``images/diversity/``; the mean pairwise feature distance of each prompt's images, averaged."""
+
+    enabled: bool = Field(
+        True,
+        description="Computed wherever a feature is available (Inception with metrics.fid, else CLIP image "
+        "embeddings with metrics.clip_score; the toy features with the toy panel); false to skip.",
+    )
+    prompts: PositiveInt = Field(
+        16, description="The first N prompts of the set (fewer if the set is smaller)."
+    )
+    seeds_per_prompt: PositiveInt = Field(4, ge=2, description="Images (seeds) per prompt, >= 2.")
+    seed_offset: Seed = Field(
+        2_000_000, description="Shift of the diversity seeds from the main images' seeds (>= 0)."
+    )
+
+
 class MetricsConfig(_Section):
     fid: FidConfig = Field(default_factory=FidConfig)
+    precision_recall: PrecisionRecallConfig = Field(default_factory=PrecisionRecallConfig)
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
     clip_score: ClipScoreConfig = Field(default_factory=ClipScoreConfig)
     hpsv2: HpsConfig = Field(default_factory=HpsConfig)
     pickscore: PickScoreConfig = Field(default_factory=PickScoreConfig)
     imagereward: ImageRewardConfig = Field(default_factory=ImageRewardConfig)
     toy: ToyMetricsConfig = Field(default_factory=ToyMetricsConfig)
     compbench: CompBenchConfig = Field(default_factory=CompBenchConfig)
-    batch_size: int = Field(16, ge=1, description="Image-text pairs per scorer forward.")
+    batch_size: PositiveInt = Field(16, description="Image-text pairs per scorer forward.")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
@@ -212,18 +262,18 @@ class EvalConfig(_Section):
     prompts: PromptsConfig
     seeds: SeedsConfig = Field(default_factory=SeedsConfig)
     quantisation: Literal["truncate", "round"] = Field(
-        "truncate", description=f"One rule for every image writer ({', '.join(QUANTISATION_RULES)})."
+        "truncate", description=f"One rule for every image writer ({', '.join(QUANTISATION)})."
     )
     reference: ModelEntry = Field(description="The teacher: FID-T compares every student with its images.")
-    reference_floor_seed_offset: int | None = Field(
+    reference_floor_seed_offset: PositiveInt | None = Field(
         None,
-        description="If set, the reference also samples the prompts with seeds shifted by this offset; "
-        "their FID-T to the reference is the floor of FID-T at this N.",
+        description="If set (>= 1), the reference also samples the prompts with seeds shifted by this "
+        "offset; their FID-T to the reference is the floor of FID-T at this N.",
     )
     students: list[ModelEntry] = Field(default_factory=list)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     weights_root: str | None = Field(None, description="Metric weights root (else $SENSEFLOW_EVAL_WEIGHTS).")
-    device: str = Field("cpu", description="Device for generation and scoring.")
+    device: Device = Field("cpu", description="Device for generation and scoring: auto, cpu, cuda or cuda:N.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Self:

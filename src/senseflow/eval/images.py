@@ -5,6 +5,10 @@ determines them (the source's identity, the prompts, the seeds and the quantisat
 changed checkpoint or sampler gets a new folder and an unchanged one is reused; an interrupted
 generation continues with the missing files. The folder also holds ``index.jsonl`` (index, prompt,
 seed, file) for re-aggregation, and ``meta.json`` with the key.
+
+The extra images of the intra-prompt diversity metric (``K`` seeds for each of the first ``P``
+prompts, :func:`diversity_plan`) are stored the same way under ``<output_dir>/images/diversity/``;
+:class:`DiversityImages` carries them, or the reason they are missing, to the panel.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from senseflow.eval.sources import ImageSource
 from senseflow.jsonfile import write_json
 from senseflow.metrics.image_io import load_rgb, quantise, save_png
 
-__all__ = ["ImageSet", "ensure_images", "prompts_sha256"]
+__all__ = ["DiversityImages", "ImageSet", "diversity_plan", "ensure_images", "prompts_sha256"]
 
 IMAGES_SCHEMA = "senseflow.eval.images/1"
 
@@ -48,6 +52,31 @@ class ImageSet:
         """uint8 NHWC images (all, or those at ``indices``)."""
         picks = range(len(self.files)) if indices is None else indices
         return np.stack([load_rgb(self.files[i]) for i in picks])
+
+
+@dataclass(frozen=True)
+class DiversityImages:
+    """The ``seeds_per_prompt`` images of each of ``prompts`` prompts (prompt-major: image
+    ``i * seeds_per_prompt + k`` is seed ``k`` of prompt ``i``), or ``missing``: why there are none."""
+
+    images: ImageSet | None
+    prompts: int
+    seeds_per_prompt: int
+    seed_rule: str
+    missing: str | None = None
+
+
+def diversity_plan(
+    prompts: Sequence[str], base: int, offset: int, count: int, per_prompt: int
+) -> tuple[list[str], list[int], str]:
+    """(prompts, seeds, rule) of the diversity images: each of the first ``count`` prompts
+    ``per_prompt`` times, seed ``base + offset + i * per_prompt + k`` for seed ``k`` of prompt ``i``."""
+    if per_prompt < 2:
+        raise ValueError(f"diversity needs at least 2 seeds per prompt, got {per_prompt}")
+    count = min(count, len(prompts))
+    rows = [(i, k) for i in range(count) for k in range(per_prompt)]
+    rule = f"{base} + {offset} + prompt * {per_prompt} + k"
+    return [prompts[i] for i, _ in rows], [base + offset + i * per_prompt + k for i, k in rows], rule
 
 
 def _key(source: ImageSource, prompts: Sequence[str], seeds: Sequence[int], quantisation: str) -> dict:

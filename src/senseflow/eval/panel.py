@@ -3,7 +3,9 @@
 FID-T and Patch FID-T compare a model's images with the reference's (the teacher's) through the
 Inception extractor and the per-folder feature cache of :mod:`senseflow.metrics.fid`; the pair
 scorers (CLIP score, HPSv2, PickScore, ImageReward) score (image, prompt) pairs; the shapes world adds
-its rule-based attribute accuracy and FID-T on its own seeded features. Every weight file is located
+its rule-based attribute accuracy and FID-T on its own seeded features. On the features FID-T uses,
+k-NN precision and recall against the reference and the intra-prompt diversity of the extra
+diversity images (:mod:`senseflow.metrics.coverage`). Every weight file is located
 through :func:`senseflow.metrics.weights.resolve` (explicit path, else the weights root's manifest
 entry) and nothing is downloaded.
 """
@@ -17,15 +19,43 @@ from typing import Any
 
 import numpy as np
 
+from senseflow.errors import UsageError
 from senseflow.eval.config import EvalConfig
-from senseflow.eval.images import ImageSet, prompts_sha256
+from senseflow.eval.images import DiversityImages, ImageSet, prompts_sha256
+from senseflow.inputs import existing_file
 from senseflow.metrics.weights import ResolvedWeights, resolve
 
-__all__ = ["Panel", "PromptSet", "load_prompts"]
+__all__ = ["Panel", "PromptSet", "diversity_features", "load_prompts"]
 
 #: Result-record key of each pair scorer, in the column order of the paper's Table 1.
 PAIR_METRICS = ("clip_score", "hpsv2", "pickscore", "imagereward")
 PATCH_PRESET = "center299_patch"
+
+
+def diversity_features(cfg: EvalConfig) -> list[str]:
+    """The features intra-prompt diversity will use (empty: it is off, or no feature is loaded):
+    ``inception`` with FID-T, else ``clip`` with the CLIP score; ``toy`` with the toy panel."""
+    if not cfg.metrics.diversity.enabled:
+        return []
+    found = []
+    if cfg.metrics.fid.enabled:
+        found.append("inception")
+    elif cfg.metrics.clip_score.enabled:
+        found.append("clip")
+    if cfg.toy_metrics:
+        found.append("toy")
+    return found
+
+
+def _layout(image: np.ndarray, prompt: str) -> np.ndarray | None:
+    """The toy scene's layout: (cx, cy, extent) in pixels of each prompted object, in prompt order
+    (the evaluator's detection of its colour); None when an object is not found."""
+    from senseflow.metrics.shapes.evaluator import score_image
+
+    objects = score_image(image, prompt).objects
+    if not all(o.found for o in objects):
+        return None
+    return np.array([v for o in objects for v in (o.detection.cx, o.detection.cy, o.detection.extent)])
 
 
 @dataclass(frozen=True)
@@ -57,10 +87,13 @@ def load_prompts(cfg: EvalConfig) -> PromptSet:
     else:
         from senseflow.eval.prompts import read_prompt_lines, read_prompt_tsv, sha256_file
 
-        path = Path(pc.path or "").expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts.path: no such file {path}")
-        prompts = read_prompt_tsv(path).prompts if pc.kind == "tsv" else list(read_prompt_lines(path).prompts)
+        path = existing_file(pc.path or "", "prompts.path")
+        if pc.kind == "tsv":
+            prompts = read_prompt_tsv(path, "prompts.path").prompts
+        else:
+            prompts = list(read_prompt_lines(path, "prompts.path").prompts)
+        if not prompts:
+            raise UsageError(f"the file holds no prompt (prompts.path {path}): write one prompt per line")
         info.update(set=pc.name or path.stem, file_sha256=sha256_file(path))
         provenance = path.with_name(f"{path.stem}.provenance.json")
         if provenance.is_file():
@@ -202,9 +235,12 @@ class Panel:
             progress=self.progress,
         )
 
-    def score(self, images: ImageSet, reference: ImageSet | None) -> tuple[dict[str, Any], list[dict]]:
-        """(the record's ``metrics`` block, per-image rows) of ``images``; FID-T needs ``reference``."""
-        metrics: dict[str, Any] = {"fid_t": None, "patch_fid_t": None}
+    def score(
+        self, images: ImageSet, reference: ImageSet | None, diversity: DiversityImages | None = None
+    ) -> tuple[dict[str, Any], list[dict]]:
+        """(the record's ``metrics`` block, per-image rows) of ``images``; FID-T and precision/recall
+        need ``reference``, intra-prompt diversity the model's ``diversity`` images."""
+        metrics: dict[str, Any] = {"fid_t": None, "patch_fid_t": None, "precision_recall": None}
         per_image = [
             {"index": i, "file": f.name, "prompt": p, "seed": s}
             for i, (f, p, s) in enumerate(zip(images.files, images.prompts, images.seeds, strict=True))
@@ -219,6 +255,9 @@ class Panel:
                 metrics["patch_fid_t"] = fid_between(
                     ours[PATCH_PRESET], theirs[PATCH_PRESET], self.extractor
                 ).record()
+            metrics["precision_recall"] = self._precision_recall(
+                ours[whole].features, theirs[whole].features, self._inception_name(), reference
+            )
         for key in PAIR_METRICS:
             metrics[key] = None
             scorer = self.scorers.get(key)
@@ -228,9 +267,118 @@ class Panel:
             metrics[key] = scorer.result(values)
             for row, v in zip(per_image, values, strict=True):
                 row[key] = float(v)
+        kinds = diversity_features(self.cfg)
+        metrics["diversity"] = None
+        if diversity is not None and ("inception" in kinds or "clip" in kinds):
+            feature = "inception" if "inception" in kinds else "clip"
+            metrics["diversity"] = self._diversity(diversity, feature)
         if self.cfg.toy_metrics:
             metrics["toy"] = self._toy(images, reference, per_image)
+            metrics["toy"]["diversity"] = (
+                self._diversity(diversity, "toy") if diversity is not None and "toy" in kinds else None
+            )
         return metrics, per_image
+
+    # ------------------------------------------------------------------------ coverage, diversity
+
+    def _inception_name(self) -> str:
+        return f"Inception pool features ({self.extractor.dim}-d, preset {self.cfg.metrics.fid.preset})"
+
+    def _precision_recall(
+        self, ours: np.ndarray, theirs: np.ndarray, features: str, reference: ImageSet
+    ) -> dict[str, Any] | None:
+        """k-NN precision/recall of ``ours`` against the reference's ``theirs`` (None when disabled)."""
+        from senseflow.metrics.coverage import precision_recall
+
+        pr = self.cfg.metrics.precision_recall
+        if not pr.enabled:
+            return None
+        block: dict[str, Any] = {"features": features, "reference": reference.name, "missing": None}
+        if min(len(ours), len(theirs)) <= pr.k:
+            block["missing"] = f"each set needs more than k = {pr.k} images"
+            return {"precision": None, "recall": None, "k": pr.k, "n": [len(ours), len(theirs)], **block}
+        return {**precision_recall(theirs, ours, k=pr.k, chunk_size=pr.chunk_size).record(), **block}
+
+    def _diversity_vectors(self, images: ImageSet, feature: str) -> tuple[np.ndarray, str]:
+        """Per-image features of the diversity images and their description."""
+        if feature == "inception":
+            from senseflow.metrics.fid import extract_folder
+
+            preset = self.cfg.metrics.fid.preset
+            found = extract_folder(
+                images.folder,
+                self.extractor,
+                [preset],
+                batch_size=self.cfg.metrics.fid.batch_size,
+                num_workers=self.cfg.metrics.fid.num_workers,
+                cache_dir=self.cache_dir / "fid",
+                set_id=images.key,
+                progress=self.progress,
+            )[preset]
+            if found.files != [f.name for f in images.files]:
+                raise RuntimeError(f"unexpected files in {images.folder}: {found.files[:3]} ...")
+            return found.features.astype(np.float64), self._inception_name()
+        if feature == "clip":
+            return self._clip_features(
+                images
+            ), "CLIP image embeddings of the CLIP-score model (L2-normalised)"
+        from senseflow.metrics.shapes.features import FEATURE_DIM
+
+        return self._toy_features(images), f"toy seeded random conv ({FEATURE_DIM}-d)"
+
+    def _clip_features(self, images: ImageSet) -> np.ndarray:
+        import torch
+        from PIL import Image
+
+        from senseflow.metrics.scoring.embeddings import clip_image_embeds, l2_normalise
+
+        scorer, batch, out = self.scorers["clip_score"], self.cfg.metrics.batch_size, []
+        for start in range(0, len(images.files), batch):
+            idx = list(range(start, min(start + batch, len(images.files))))
+            pil = [Image.fromarray(a) for a in images.load(idx)]
+            pixels = scorer.preprocess(pil).to(device=scorer.device, dtype=scorer.dtype)
+            with torch.inference_mode():
+                out.append(l2_normalise(clip_image_embeds(scorer.model, pixels).float()).cpu().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def _diversity(self, div: DiversityImages, feature: str) -> dict[str, Any]:
+        """Mean over prompts of the mean pairwise feature distance among each prompt's images; the
+        toy block adds the layout diversity (object positions and sizes from the rule-based evaluator)."""
+        from senseflow.metrics.coverage import intra_prompt_diversity, mean_pairwise_distance
+
+        block: dict[str, Any] = {
+            "value": None,
+            "per_prompt": None,
+            "features": None,
+            "distance": "euclidean",
+            "prompts": div.prompts,
+            "seeds_per_prompt": div.seeds_per_prompt,
+            "seeds": div.seed_rule,
+            "images": None if div.images is None else str(div.images.folder),
+            "missing": div.missing,
+        }
+        if feature == "toy":
+            block["layout"] = None
+        if div.images is None:
+            return block
+        vectors, block["features"] = self._diversity_vectors(div.images, feature)
+        groups = vectors.reshape(div.prompts, div.seeds_per_prompt, -1)
+        block["value"], block["per_prompt"] = intra_prompt_diversity(groups)
+        if feature == "toy":
+            pixels = div.images.load()
+            per_prompt = []
+            for i in range(div.prompts):
+                rows = range(i * div.seeds_per_prompt, (i + 1) * div.seeds_per_prompt)
+                found = [v for j in rows if (v := _layout(pixels[j], div.images.prompts[j])) is not None]
+                if len(found) >= 2:
+                    per_prompt.append(mean_pairwise_distance(np.stack(found)))
+            block["layout"] = {
+                "value": float(np.mean(per_prompt)) if per_prompt else None,
+                "attributes": "(cx, cy, extent) in pixels of each prompted object, from the rule-based "
+                "evaluator; images missing an object are left out",
+                "prompts_used": len(per_prompt),
+            }
+        return block
 
     def _pair_scores(self, key: str, scorer: Any, images: ImageSet) -> np.ndarray:
         batch = self.cfg.metrics.batch_size
@@ -266,11 +414,14 @@ class Panel:
         accuracy = summarise(scores, scenes)
         for row, score in zip(per_image, scores, strict=True):
             row["toy_all"] = bool(score.all)
-        fid = None
+        fid = pr = None
         if reference is not None:
-            fid = fid_from_features(self._toy_features(images, pixels), self._toy_features(reference))
+            ours, theirs = self._toy_features(images, pixels), self._toy_features(reference)
+            fid = fid_from_features(ours, theirs)
+            pr = self._precision_recall(ours, theirs, f"toy seeded random conv ({FEATURE_DIM}-d)", reference)
         return {
             "fid_t": fid,
+            "precision_recall": pr,
             "accuracy": accuracy,
             "features": f"toy seeded random conv ({FEATURE_DIM}-d, senseflow.metrics.shapes.features)",
             "evaluator": "senseflow.metrics.shapes.evaluator (rule-based)",

@@ -36,6 +36,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from senseflow.errors import UsageError
+from senseflow.inputs import check_prompts, read_text
 from senseflow.jsonfile import write_json
 from senseflow.metrics.compbench.sidecar import build_sidecar, load_sidecar, write_sidecar
 from senseflow.metrics.compbench.three_in_one import normalise_line
@@ -134,20 +136,44 @@ class PromptRow:
     caption: str
 
 
-def read_coco_captions(path: str | PathLike) -> tuple[dict[int, str], dict[int, list[CocoCaption]]]:
-    """``({image_id: file_name}, {image_id: captions sorted by annotation id})`` from a COCO captions JSON."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    images = {int(im["id"]): str(im.get("file_name", "")) for im in data["images"]}
+def _coco_json(path: Path, field: str) -> tuple[list[dict], list[dict]]:
+    """The ``images`` and ``annotations`` lists of a COCO captions file, or one error naming it."""
+    text = read_text(path, field, "JSON")
+    expected = "expected COCO's captions_val2017.json (an object with 'images' and 'annotations' lists)"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"not readable JSON ({field} {path}: {exc}): {expected}") from None
+    lists = [data.get(key) if isinstance(data, dict) else None for key in ("images", "annotations")]
+    if not all(isinstance(v, list) and all(isinstance(x, dict) for x in v) for v in lists):
+        raise UsageError(f"not a COCO captions file ({field} {path}): {expected}")
+    return lists[0], lists[1]
+
+
+def read_coco_captions(
+    path: str | PathLike, field: str = "captions file"
+) -> tuple[dict[int, str], dict[int, list[CocoCaption]]]:
+    """``({image_id: file_name}, {image_id: captions sorted by annotation id})`` from a COCO captions JSON
+    (errors name ``field`` and the file)."""
+    path = Path(path)
+    images_list, annotations = _coco_json(path, field)
+    try:
+        images = {int(im["id"]): str(im.get("file_name", "")) for im in images_list}
+        ids = [(int(ann["id"]), int(ann["image_id"]), ann["caption"]) for ann in annotations]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(
+            f"not a COCO captions file ({field} {path}): an image or annotation has no usable {exc}; "
+            "images need an integer 'id', annotations an integer 'id', 'image_id' and a 'caption'"
+        ) from None
     captions: dict[int, list[CocoCaption]] = {i: [] for i in images}
     seen: set[int] = set()
-    for ann in data["annotations"]:
-        ann_id, image_id = int(ann["id"]), int(ann["image_id"])
+    for ann_id, image_id, caption in ids:
         if ann_id in seen:
             raise ValueError(f"{path}: annotation id {ann_id} appears twice")
         seen.add(ann_id)
         if image_id not in captions:
             raise ValueError(f"{path}: annotation {ann_id} refers to unknown image {image_id}")
-        text = normalise_caption(str(ann["caption"]))
+        text = normalise_caption(str(caption))
         if not text:
             raise ValueError(f"{path}: annotation {ann_id} has an empty caption")
         captions[image_id].append(CocoCaption(ann_id, image_id, text))
@@ -203,14 +229,17 @@ class PromptTable:
         return [r.caption for r in self.rows]
 
 
-def read_prompt_tsv(path: str | PathLike) -> PromptTable:
-    """Read a prompt TSV: this project's form, a header-less ``image_id<TAB>caption`` or MLPerf's."""
+def read_prompt_tsv(path: str | PathLike, field: str = "prompts file") -> PromptTable:
+    """Read a prompt TSV: this project's form, a header-less ``image_id<TAB>caption`` or MLPerf's.
+    Errors name ``field`` and the file: not UTF-8, no rows, a bad row, a caption that is too long."""
     path = Path(path)
-    text = path.read_bytes().decode("utf-8-sig")
+    text = read_text(path, field, "prompts", encoding="utf-8-sig")
     table = list(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
     table = [row for row in table if row]
     if not table:
-        raise ValueError(f"{path} is empty")
+        raise UsageError(
+            f"the file holds no prompt ({field} {path}): write one 'image_id<TAB>caption' row per line"
+        )
     header = [h.strip() for h in table[0]]
     if "caption" in header and "image_id" in header:
         col_id, col_cap = header.index("image_id"), header.index("caption")
@@ -224,6 +253,7 @@ def read_prompt_tsv(path: str | PathLike) -> PromptTable:
             rows.append(PromptRow(int(row[col_id]), normalise_caption(row[col_cap])))
         except (IndexError, ValueError):
             raise ValueError(f"{path}:{n}: expected an integer image_id and a caption, got {row!r}") from None
+    check_prompts([r.caption for r in rows], field, path)
     return PromptTable(tuple(rows), sha256_file(path), fmt, str(path))
 
 
@@ -257,7 +287,10 @@ def build_coco5k(
     captions_json = Path(captions_json)
     images, captions = read_coco_captions(captions_json)
     if expected_count is not None and len(images) != expected_count:
-        raise ValueError(f"{captions_json} lists {len(images)} images, expected {expected_count}")
+        raise UsageError(
+            f"not the expected image count ({captions_json} lists {len(images)} images, expected "
+            f"{expected_count}): give captions_val2017.json, or accept another count (--any-count)"
+        )
     rows, ties = [], 0
     for image_id in sorted(captions):
         if rule == "first":
@@ -303,17 +336,20 @@ class PromptFile:
     prompts: tuple[str, ...]
 
 
-def read_prompt_lines(path: str | PathLike) -> PromptFile:
-    """Prompts of a one-prompt-per-line file (each stripped); blank lines only allowed at the end."""
+def read_prompt_lines(path: str | PathLike, field: str = "prompts file") -> PromptFile:
+    """Prompts of a one-prompt-per-line UTF-8 file (each stripped); blank lines only allowed at the end.
+    Errors name ``field`` and the file: not UTF-8, a blank line inside, a prompt too long. A file without
+    prompts gives an empty list (T2I-CompBench's smaller subsets may be empty)."""
     path = Path(path)
-    with path.open("r", encoding="utf-8") as f:  # universal newlines, as the official scripts read
-        lines = f.readlines()
+    text = read_text(path, field, "prompts")
+    lines = io.StringIO(text, newline=None).readlines()  # universal newlines, as the official scripts read
     prompts = [line.strip() for line in lines]
     while prompts and not prompts[-1]:
         prompts.pop()
     blank = [i + 1 for i, p in enumerate(prompts) if not p]
     if blank:
         raise ValueError(f"{path}: blank line {blank[0]} inside the prompt list would shift image indices")
+    check_prompts(prompts, field, path)
     return PromptFile(path.stem, str(path), sha256_file(path), len(lines), tuple(prompts))
 
 

@@ -2,8 +2,9 @@
 
 The table follows the paper's Table 1: one row per model (the reference first, its FID columns shown
 as "--"), columns FID-T, Patch FID-T, CLIP, HPSv2, PickScore and ImageReward; columns of metrics that
-were not computed are left out. The shapes world adds its own columns (FID-T on its features and the
-rule-based accuracies) in the same layout.
+were not computed are left out. Precision, recall and intra-prompt diversity follow the FID columns.
+The shapes world adds its own columns (FID-T, precision, recall and diversity on its features, the
+layout diversity and the rule-based accuracies) in the same layout.
 """
 
 from __future__ import annotations
@@ -114,6 +115,14 @@ def _value(block: Any, *keys: str) -> float | None:
     return block if isinstance(block, (int, float)) else None
 
 
+def _block(block: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(block, dict):
+            return None
+        block = block.get(k)
+    return block
+
+
 def _fmt(v: float | None, digits: int, percent: bool = False) -> str:
     if v is None:
         return "--"
@@ -124,11 +133,18 @@ def _fmt(v: float | None, digits: int, percent: bool = False) -> str:
 _COLUMNS = (
     ("FID-T ↓", ("fid_t", "value"), 2, False),
     ("Patch FID-T ↓", ("patch_fid_t", "value"), 2, False),
+    ("Precision ↑", ("precision_recall", "precision"), 3, False),
+    ("Recall ↑", ("precision_recall", "recall"), 3, False),
+    ("Diversity ↑", ("diversity", "value"), 3, False),
     ("CLIP ↑", ("clip_score", "value"), 4, False),
     ("HPSv2 ↑", ("hpsv2", "value"), 4, False),
     ("PickScore ↑", ("pickscore", "value"), 2, False),
     ("ImageReward ↑", ("imagereward", "value"), 3, False),
     ("Toy FID-T ↓", ("toy", "fid_t"), 2, False),
+    ("Toy precision ↑", ("toy", "precision_recall", "precision"), 3, False),
+    ("Toy recall ↑", ("toy", "precision_recall", "recall"), 3, False),
+    ("Toy diversity ↑", ("toy", "diversity", "value"), 3, False),
+    ("Layout diversity ↑", ("toy", "diversity", "layout", "value"), 2, False),
     ("Colour ↑", ("toy", "accuracy", "overall", "colour"), 1, True),
     ("Shape ↑", ("toy", "accuracy", "overall", "shape"), 1, True),
     ("Size ↑", ("toy", "accuracy", "overall", "size"), 1, True),
@@ -138,10 +154,11 @@ _COLUMNS = (
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
-    """Rows = records (reference first); a column appears when any record has that metric block."""
+    """Rows = records (reference first); a column appears when any record has the block that holds its
+    value (a block with a null value, e.g. diversity reported missing, shows "--")."""
 
     def present(path: tuple[str, ...]) -> bool:
-        return any(isinstance(r["metrics"].get(path[0]), dict) for r in records)
+        return any(isinstance(_block(r["metrics"], path[:-1]), dict) for r in records)
 
     cols = [c for c in _COLUMNS if present(c[1])]
     header = ["Model", "Sampler", "NFE", *(c[0] for c in cols)]

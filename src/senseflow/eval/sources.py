@@ -15,11 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from senseflow.errors import UsageError
 from senseflow.eval.config import ModelEntry
+from senseflow.inputs import existing_folder
 from senseflow.metrics.image_io import list_images, load_rgb
 from senseflow.metrics.weights import sha256_file
 from senseflow.train.checkpoint import network_sha256
+from senseflow.train.run_folder import run_folder
 
 __all__ = ["ImageSource", "build_source", "register_source", "source_kinds"]
 
@@ -48,6 +52,11 @@ class ImageSource(ABC):
     def existing_image(self, index: int) -> np.ndarray:
         """The stored image of prompt ``index`` (sources that read files)."""
         raise TypeError(f"model {self.entry.name!r} (kind {self.entry.kind!r}) has no stored images")
+
+    def check(self, count: int) -> None:
+        """Before anything is written: the inputs of a source that reads files are all there (a source
+        that generates its images has nothing to check)."""
+        return None
 
 
 _SOURCES: dict[str, Callable[[ModelEntry, str], ImageSource]] = {}
@@ -185,6 +194,7 @@ class StudentSource(ImageSource):
                 f"model {entry.name!r}: 'path' (a run folder or an exported diffusers folder) is required "
                 "for kind 'student'"
             )
+        run_folder(entry.path, f"path of model {entry.name!r}")
         if entry.steps is not None or entry.guidance is not None:
             raise ValueError(
                 f"model {entry.name!r}: a student samples at its recipe's anchors without guidance; "
@@ -243,9 +253,9 @@ class FolderSource(ImageSource):
 
     def __init__(self, entry: ModelEntry, device: str):
         super().__init__(entry)
-        if not entry.path or not Path(entry.path).expanduser().is_dir():
+        if not entry.path:
             raise ValueError(f"model {entry.name!r}: kind 'folder' needs 'path', an existing image folder")
-        self.folder = Path(entry.path).expanduser()
+        self.folder = existing_folder(entry.path, f"path of model {entry.name!r}")
 
     def subset(self, name: str) -> ImageSource:
         """T2I-CompBench category ``name`` is read from ``<folder>/compbench/<name>/`` (same naming)."""
@@ -270,6 +280,26 @@ class FolderSource(ImageSource):
             "guidance": self.entry.guidance,
             "resolution": list(first.shape[:2]) if first is not None else None,
         }
+
+    def check(self, count: int) -> None:
+        """``00000.png`` .. of the ``count`` prompts are there and are images (their headers are read)."""
+        where = f"model {self.entry.name!r}"
+        for index in range(count):
+            path = self.file(index)
+            if not path.is_file():
+                raise UsageError(
+                    f"missing image ({where} {path}, prompt {index}): the folder needs one image per prompt, "
+                    f"named by its index: {self.file(0).name} for the first, {self.file(count - 1).name} for "
+                    "the last"
+                )
+            try:
+                with Image.open(path) as image:
+                    image.size  # noqa: B018 - the header is read and checked
+            except (OSError, ValueError) as exc:
+                raise UsageError(
+                    f"not an image ({where} {path}, prompt {index}): {exc}; replace it with the image of "
+                    "that prompt"
+                ) from None
 
     def existing_image(self, index: int) -> np.ndarray:
         path = self.file(index)

@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from senseflow.devices import to_dtype
+from senseflow.errors import UsageError
 from senseflow.eval.record import markdown_table
 from senseflow.export.card import CardInfo, model_card
 from senseflow.export.formats import WRITERS, ExportJob, noise_note
 from senseflow.export.pipeline_folder import diffusers_adapter, sampler_for
+from senseflow.inputs import at_least, device, output_folder, read_text
 from senseflow.metrics.image_io import quantise
 from senseflow.student import Student
 from senseflow.train import checkpoint as ckpt
 from senseflow.train.checkpoint_layout import checkpoint_name
+from senseflow.train.run_folder import run_folder
 from senseflow.viz import image_grid, save_image
 
 FORMATS = ("diffusers", "lora", "single-file")
@@ -80,7 +83,15 @@ def _eval_table(path: str | None) -> str | None:
     files = sorted((p / "records").glob("*.json")) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
         raise FileNotFoundError(f"--eval {path}: expected a record .json or a folder with records/*.json")
-    records = [json.loads(f.read_text()) for f in files]
+    records = []
+    for f in files:
+        text = read_text(f, "--eval", "JSON")
+        try:
+            records.append(json.loads(text))
+        except ValueError as exc:
+            raise UsageError(
+                f"not readable JSON (--eval {f}: {exc}): give a record written by `senseflow eval run`"
+            ) from None
     try:  # the reference row first, as `senseflow eval` writes its tables
         references = {(r.get("reference") or {}).get("name") for r in records}
         records.sort(key=lambda r: r["model"]["name"] not in references)
@@ -100,9 +111,24 @@ def _samples(student: Student, out: Path, mode: str) -> str | None:
     return SAMPLES_FILE
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """An ``--out`` that is a file, or a non-empty folder without ``overwrite``, is refused."""
+    output_folder(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(
+            f"the output folder is not empty (--out {out}): choose another folder, or pass --overwrite to "
+            "replace it once the export is complete"
+        )
+
+
 def export_run(args: argparse.Namespace) -> Path:
-    run, out = Path(args.run), Path(args.out)
-    student = Student.from_run(run, _checkpoint(run, args.step), device=args.device)
+    run, out = run_folder(args.run, "run", exports=False), Path(args.out)
+    checkpoint = _checkpoint(run, args.step)
+    at_least(args.rank, 1, "--rank")
+    device(args.device, "--device")
+    check_out(out, args.overwrite)
+    eval_table = _eval_table(args.eval)  # read now: a bad file is refused before the student loads
+    student = Student.from_run(run, checkpoint, device=args.device)
     adapter = diffusers_adapter(student.adapter, "senseflow export")
     cfg, dtype = student.cfg, to_dtype(args.dtype, "--dtype")
     sampler = sampler_for(adapter, args.sampler, cfg.data.resolution)
@@ -149,7 +175,7 @@ def export_run(args: argparse.Namespace) -> Path:
             dtype=args.dtype,
             notes=job.notes,
             training=_training(cfg),
-            eval_table=_eval_table(args.eval),
+            eval_table=eval_table,
             samples=None if args.no_samples else _samples(student, tmp, args.sampler),
         )
         (tmp / "README.md").write_text(model_card(info), encoding="utf-8")

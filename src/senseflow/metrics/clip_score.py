@@ -133,7 +133,6 @@ class ClipScorer(PairScorer):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         weights_sha256: str | None = None,
-        allow_pickle: bool = False,
         **convert_kwargs: Any,
     ) -> ClipScorer:
         """Load weights from ``path`` (folder or open_clip/transformers state-dict file).
@@ -143,9 +142,7 @@ class ClipScorer(PairScorer):
         ``backbone``; ``convert_kwargs`` (``vision_heads``, ``text_heads``, ``hidden_act``,
         ``config``) go to :func:`~senseflow.metrics.scoring.clip_model.load_clip_model`.
         """
-        loaded, tokenizer = load_clip_with_tokenizer(
-            path, tokenizer, arch=arch or backbone, allow_pickle=allow_pickle, **convert_kwargs
-        )
+        loaded, tokenizer = load_clip_with_tokenizer(path, tokenizer, arch=arch or backbone, **convert_kwargs)
         return cls(
             loaded.model,
             tokenizer,

@@ -100,7 +100,6 @@ class HPSv2Scorer(PairScorer):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         weights_sha256: str | None = None,
-        allow_pickle: bool = False,
         **convert_kwargs: Any,
     ) -> HPSv2Scorer:
         """Load ``HPS_v2*_compressed.pt`` (or a converted ``from_pretrained`` folder).
@@ -114,9 +113,7 @@ class HPSv2Scorer(PairScorer):
         for other, filename in HPS_WEIGHT_FILES.items():
             if other != version and name == filename:
                 raise ValueError(f"{path} is the HPS {other} weights file but version={version!r}")
-        loaded, tokenizer = load_clip_with_tokenizer(
-            path, tokenizer, arch=arch, allow_pickle=allow_pickle, **convert_kwargs
-        )
+        loaded, tokenizer = load_clip_with_tokenizer(path, tokenizer, arch=arch, **convert_kwargs)
         return cls(
             loaded.model,
             tokenizer,

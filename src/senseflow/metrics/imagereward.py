@@ -261,11 +261,10 @@ def load_imagereward_model(
     med_config: PathType | Mapping[str, Any],
     *,
     vision_heads: int | None = None,
-    allow_pickle: bool = False,
 ) -> tuple[ImageRewardModel, LoadReport]:
     """Build the model from ``med_config`` and checkpoint shapes; load ``ckpt`` by name mapping."""
     ckpt_path = _resolve_checkpoint(Path(ckpt))
-    state = load_state_dict_file(ckpt_path, allow_pickle=allow_pickle)
+    state = load_state_dict_file(ckpt_path)
     if isinstance(med_config, (str, PathLike)):
         med_config = json.loads(Path(med_config).read_text())
     vision_config = vision_config_from_state_dict(state, vision_heads)
@@ -322,7 +321,6 @@ class ImageRewardScorer(PairScorer):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         weights_sha256: str | None = None,
-        allow_pickle: bool = False,
     ) -> ImageRewardScorer:
         """``ckpt``: ``ImageReward.pt`` (or a folder holding it); ``med_config`` defaults to the
         ``med_config.json`` beside it; ``tokenizer_dir``: a bert-base-uncased tokenizer folder
@@ -345,9 +343,7 @@ class ImageRewardScorer(PairScorer):
                 if (Path(tokenizer_dir) / name).is_file():
                     vocab_sha = sha256_file(Path(tokenizer_dir) / name)
                     break
-        model, _ = load_imagereward_model(
-            ckpt_path, med_config, vision_heads=vision_heads, allow_pickle=allow_pickle
-        )
+        model, _ = load_imagereward_model(ckpt_path, med_config, vision_heads=vision_heads)
         return cls(
             model,
             tokenizer,

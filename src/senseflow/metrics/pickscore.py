@@ -168,7 +168,6 @@ class PickScoreScorer(PairScorer):
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "float32",
         weights_sha256: str | None = None,
-        allow_pickle: bool = False,
         **load_kwargs: Any,
     ) -> PickScoreScorer:
         """Model from ``model_path`` (``from_pretrained`` folder, or a state-dict file with ``config=``).
@@ -178,7 +177,7 @@ class PickScoreScorer(PairScorer):
         """
         from transformers import AutoTokenizer
 
-        loaded = load_clip_model(model_path, allow_pickle=allow_pickle, **load_kwargs)
+        loaded = load_clip_model(model_path, **load_kwargs)
         folder = Path(processor_dir) if processor_dir is not None else Path(model_path)
         if not folder.is_dir():
             raise ScorerLoadError(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from senseflow import inputs
 from senseflow.config import load_config
 from senseflow.config.schema import DistillConfig
 from senseflow.data.index import read_prompt_list
@@ -57,24 +58,25 @@ def cmd_cache_text(args: argparse.Namespace) -> None:
 
     if args.world < 1:
         raise ValueError("cache-text: --world must be at least 1")
+    inputs.at_least(args.batch_size, 1, "--batch-size")
+    inputs.at_least(args.shard_size, 1, "--shard-size")
     cfg = load_config(args.recipe, list(args.overrides))
     if args.out:
-        out = Path(args.out)
+        out = inputs.output_folder(args.out, "--out")
     elif cfg.model.text_cache != "live":
-        out = Path(cfg.model.text_cache)
+        out = inputs.output_folder(cfg.model.text_cache, "model.text_cache")
     else:
         raise ValueError(
             "cache-text: no output folder: pass --out DIR, or set model.text_cache to a folder in the recipe"
         )
+    extra = [p for path in args.prompts or [] for p in read_prompt_list(Path(path), "--prompts")]
+    device = resolve_device(args.device, "--device") if args.device else resolve_device(cfg.parallel.device)
     prompts: list[str] = ["", *([cfg.model.negative_prompt] if cfg.model.negative_prompt else [])]
     if not args.skip_dataset:
         prompts += dataset_prompts(cfg, world=args.world, progress=not args.quiet)
     prompts += list(cfg.logging.sample_prompts)
-    for path in args.prompts or []:
-        prompts += read_prompt_list(Path(path), "--prompts")
-    prompts = _distinct(prompts)
+    prompts = _distinct([*prompts, *extra])
 
-    device = resolve_device(args.device, "--device") if args.device else resolve_device(cfg.parallel.device)
     adapter = build_adapter(cfg, text_cache=False).to(device)
     report = write_text_cache(
         adapter,
@@ -122,7 +124,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="encode a recipe's prompts once into a text cache (train with model.text_cache=DIR)",
     )
     p.add_argument("recipe", help="recipe YAML, or a shipped recipe's name")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, as for `senseflow train`")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, as for `senseflow train`")
     p.add_argument(
         "--prompts",
         action="append",

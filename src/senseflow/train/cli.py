@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
+from pathlib import Path
 
 from senseflow.config import load_config
-from senseflow.devices import resolve_device
+from senseflow.errors import SenseflowError
 
 
 def init_distributed(device_spec: str = "auto", timeout_minutes: float = 30.0) -> None:
     """Join the process group torchrun describes, with the backend of this rank's device (nccl for a
     GPU, gloo for the CPU); no-op for one process. A collective that waits longer than the timeout
     (a rank died or hangs) raises on the ranks still alive, and torchrun then ends the job."""
+    import torch
+    import torch.distributed as dist
+
+    from senseflow.devices import resolve_device
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         device = resolve_device(device_spec)
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -28,15 +30,26 @@ def init_distributed(device_spec: str = "auto", timeout_minutes: float = 30.0) -
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from senseflow.train.trainer import Distiller
-
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("checkpoint.resume=latest")
+    # The recipe and the run folder are checked before torch loads, so a mistake is answered at once.
+    overrides, resume = list(args.overrides), args.resume
+    if resume is not None and "=" in resume and not Path(resume).exists():  # `--resume key=value`
+        overrides, resume = [*overrides, resume], "latest"
     cfg = load_config(args.recipe, overrides)
+    from senseflow.train.run_folder import prepare_run_folder
+
     # senseflow's own messages (start-up memory, dropped keys) on stderr; --quiet keeps warnings only
     logging.basicConfig(format="%(message)s")
     logging.getLogger("senseflow").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    resume = resume if resume is not None else cfg.checkpoint.resume
+    resume = prepare_run_folder(Path(cfg.output_dir), resume, args.overwrite, is_main)
+    if resume != cfg.checkpoint.resume:
+        cfg = load_config(args.recipe, [*overrides, f"checkpoint.resume={resume or 'null'}"])
+
+    import torch.distributed as dist
+
+    from senseflow.train.trainer import Distiller
+
     init_distributed(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
         logs = Distiller(cfg, progress=not args.quiet).run()
@@ -45,13 +58,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     except (dist.DistError, RuntimeError) as exc:
         if not (dist.is_initialized() and _peer_failure(exc)):
             raise
-        print(
-            f"senseflow: error: rank {dist.get_rank()} stopped: a collective waited longer than "
-            f"parallel.timeout_minutes ({cfg.parallel.timeout_minutes}); another rank died or hangs. "
-            f"Resume with --resume once it is fixed. ({exc})",
-            file=sys.stderr,
-        )
-        raise SystemExit(1) from exc
+        raise SenseflowError(
+            f"rank {dist.get_rank()} stopped: a collective waited longer than parallel.timeout_minutes "
+            f"({cfg.parallel.timeout_minutes}) or lost its connection; another rank died or hangs "
+            f"(its own error is above). Resume with --resume once it is fixed. ({exc})"
+        ) from exc
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -59,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _peer_failure(exc: BaseException) -> bool:
     """Whether an error is a collective's timeout or a lost connection to another rank."""
+    import torch.distributed as dist
+
     text = str(exc).lower()
     return isinstance(exc, dist.DistError) or any(
         s in text for s in ("timed out", "timeout", "connection closed", "connection reset")
@@ -71,7 +84,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "recipe", help="recipe YAML, or a shipped recipe's name (toy/distill; `senseflow recipes` lists them)"
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.generator.lr=1e-6")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="auto|CHECKPOINT",
+        help="continue the run in output_dir from its newest good checkpoint (an error if there is none); "
+        "--resume auto: continue if there is one, else start fresh (requeued jobs); or a checkpoint folder",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an output_dir that holds a run; the old folder is moved aside, not deleted",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 
 from senseflow.config.schema import HealthConfig
+from senseflow.errors import SenseflowError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SenseflowError, RuntimeError):
     """Raised after too many consecutive non-finite losses."""
 
 

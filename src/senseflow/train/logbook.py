@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,16 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class Logbook:
-    """Appends one JSON line per logged iteration; mirrors the numbers to TensorBoard if enabled."""
+    """Appends one JSON line per logged iteration; mirrors the numbers to TensorBoard if enabled.
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.file = (run_dir / "log.jsonl").open("a")
+    A run resumed at iteration ``start`` first drops the lines of iterations ``start`` and later,
+    which the interrupted run logged after its last checkpoint and the resumed run logs again."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, start: int = 0):
+        path = run_dir / "log.jsonl"
+        if start > 0 and path.is_file():
+            _truncate(path, start)
+        self.file = path.open("a")
         self.writer = None
         if tensorboard:
             try:
@@ -42,3 +49,18 @@ class Logbook:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _truncate(path: Path, start: int) -> None:
+    """Keep the lines of iterations before ``start``, atomically (a line cut short by a kill is dropped)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            iteration = json.loads(line).get("iteration", -1)
+        except (ValueError, AttributeError):
+            continue
+        if iteration < start:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -127,12 +128,12 @@ class Plan:
 
 
 def check_flags(**flags: float | None) -> None:
-    """One error naming the flag for a count below 1 or a memory size that is not positive."""
+    """One error naming the flag for a count below 1 or a memory size that is not a positive number."""
     for name, value in flags.items():
         if value is None:
             continue
         flag = "--" + name.replace("_", "-")
-        if name == "gpu_memory" and value <= 0:
+        if name == "gpu_memory" and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag}: expected a positive number of GiB, got {value}")
         if name != "gpu_memory" and value < 1:
             raise ValueError(f"{flag}: expected a positive whole number, got {value}")
@@ -341,7 +342,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="recipe YAML or a shipped recipe's name")
     p.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. model.teacher=PATH model.text_cache=DIR"
+        "overrides",
+        nargs="*",
+        default=[],
+        help="dotted overrides, e.g. model.teacher=PATH model.text_cache=DIR",
     )
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")

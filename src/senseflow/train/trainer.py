@@ -10,7 +10,6 @@ iteration comes from ``draws.draw_step`` so that resume and world size change no
 from __future__ import annotations
 
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from senseflow.config.loader import dump_config, save_resolved
 from senseflow.config.schema import DistillConfig
 from senseflow.data import verify_latent_cache
 from senseflow.devices import autocast, reshard, resolve_device, set_tf32, to_dtype
+from senseflow.errors import CheckpointError, CheckpointWriteError, Preempted
 from senseflow.method import check_ida_compatible, ida_update_
 from senseflow.models import build_adapter
 from senseflow.models.adapter import NETWORK_ROLES
@@ -36,8 +36,10 @@ from senseflow.train.health import NonFiniteGuard, collapse_alarm, image_stats, 
 from senseflow.train.logbook import Logbook
 from senseflow.train.lora_mode import LoraIda, build_lora_roles
 from senseflow.train.parallel import device_mesh, is_sharded, shard, shard_policy, wrap
+from senseflow.train.preemption import StopOnSignal
+from senseflow.train.resume import check_data_stream, resume_run
 from senseflow.train.samples import save_sample_grid
-from senseflow.train.sharded_checkpoint import ShardedCheckpointer, load_sharded
+from senseflow.train.sharded_checkpoint import ShardedCheckpointer, agree, load_sharded
 from senseflow.train.startup import (
     build_optimizer,
     build_schedulers,
@@ -387,25 +389,28 @@ class Distiller:
         if c.format == "dcp":
             if self.checkpointer is None:
                 self.checkpointer = ShardedCheckpointer(
-                    self.run_dir / "checkpoints", c.keep_last, c.async_save
+                    self.run_dir / "checkpoints", c.keep_last, c.async_save, c.verify == "sha256"
                 )
             return self.checkpointer.save(
                 self.iteration, modules, self.optimizers, self.training_state(), dump_config(self.cfg)
             )
         weights = {k: ckpt.gather_weights(m) for k, m in modules.items()}
         optimizers = {k: ckpt.gather_optimizer(modules[k], o) for k, o in self.optimizers.items()}
-        path = None
+        path, error = None, None
         if self.rank == 0:
-            path = ckpt.save_checkpoint(
-                self.run_dir / "checkpoints",
-                self.iteration,
-                weights,
-                {**self.training_state(), "optimizers": optimizers},
-                dump_config(self.cfg),
-                c.keep_last,
-            )
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                path = ckpt.save_checkpoint(
+                    self.run_dir / "checkpoints",
+                    self.iteration,
+                    weights,
+                    {**self.training_state(), "optimizers": optimizers},
+                    dump_config(self.cfg),
+                    c.keep_last,
+                    hashes=c.verify == "sha256",
+                )
+            except CheckpointWriteError as exc:
+                error = exc
+        agree(error, f"checkpoint of iteration {self.iteration}")
         return path
 
     def finish_saving(self) -> None:
@@ -418,54 +423,40 @@ class Distiller:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint of either format, saved at any world size and strategy."""
         modules = self.modules()
+        error = None
+        if self.rank == 0:  # one rank reads the whole checkpoint to check it, then tells the others
+            try:
+                ckpt.verify_checkpoint(path)
+            except CheckpointError as exc:
+                error = exc
+        agree(error, f"checkpoint {path}")
         if ckpt.read_meta(path)["format"] == "dcp":
-            load_sharded(path, modules, self.optimizers)
-            state = torch.load(path / ckpt.STATE, weights_only=True, map_location="cpu")
+            state = ckpt.load_state(path)
+            load_sharded(path, modules, self.optimizers, verify=False)
         else:
-            state = ckpt.load_checkpoint(path, modules)
+            state = ckpt.load_checkpoint(path, modules, verify=False)
             for k, opt in self.optimizers.items():
                 ckpt.load_optimizer(modules[k], opt, state["optimizers"][k])
-        saved = state.get("data_stream")
-        if saved is None:
-            warnings.warn(
-                f"checkpoint {path} does not record its data stream (an earlier version wrote it); "
-                f"it continues on this version's ({self.data_identity})",
-                stacklevel=2,
-            )
-        elif saved != self.data_identity:
-            raise ValueError(
-                f"checkpoint.resume: {path} was trained on data stream {saved!r} but this version's is "
-                f"{self.data_identity!r}; resuming would continue on other samples (start a new run in "
-                "another output_dir)"
-            )
+        check_data_stream(path, state.get("data_stream"), self.data_identity)
         for k, sched in self.schedulers.items():
             sched.load_state_dict(state["schedulers"][k])
         self.guard.load_state_dict(state["guard"])
         self.iteration = state["iteration"]
 
-    def _resume_target(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
-        if resume is None:
-            return None
-        if resume == "latest":
-            return ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-        return Path(resume)
-
     def run(self) -> dict[str, float]:
-        """Train to ``schedule.iterations``, logging, sampling and checkpointing on the way."""
+        """Train to ``schedule.iterations``, logging, sampling and checkpointing on the way; on
+        SIGTERM/SIGINT finish the iteration, write a checkpoint and raise :class:`Preempted`."""
         cfg = self.cfg
-        target = self._resume_target()
-        if target is not None:
-            self.resume(target)
+        resume_run(self, self.run_dir / "checkpoints", cfg.checkpoint.resume)
         if self.rank == 0:
-            ckpt.clean_partial(self.run_dir / "checkpoints")
             save_resolved(cfg, self.run_dir / "config.yaml")
-        log = Logbook(self.run_dir, cfg.logging.tensorboard) if self.rank == 0 else None
+        log = Logbook(self.run_dir, cfg.logging.tensorboard, self.iteration) if self.rank == 0 else None
         total = cfg.schedule.iterations
         bar = tqdm(total=total, initial=self.iteration, desc="distill", disable=not self.progress)
         start = time.perf_counter()
         try:
-            self._loop(total, log, bar, start)
+            with StopOnSignal(self.device) as stop:
+                self._loop(total, log, bar, start, stop)
             self.finish_saving()
         finally:
             self.data.close()
@@ -474,7 +465,7 @@ class Distiller:
                 log.close()
         return self.last_logs
 
-    def _loop(self, total: int, log: Logbook | None, bar, start: float) -> None:
+    def _loop(self, total: int, log: Logbook | None, bar, start: float, stop: StopOnSignal) -> None:
         cfg = self.cfg
         while self.iteration < total:
             logs = self.last_logs = self.train_step()
@@ -491,8 +482,17 @@ class Distiller:
                 save_sample_grid(
                     self.adapter, self.generator, self.anchor_levels, cfg, path, write=self.rank == 0
                 )
-            if n % cfg.checkpoint.every == 0 or n == total:
+            saved = n % cfg.checkpoint.every == 0 or n == total
+            if saved:
                 self.save()
+            if n < total and stop.requested():
+                if not saved:
+                    self.save()
+                self.finish_saving()
+                raise Preempted(
+                    f"stopped by {stop.name} after iteration {n} ({self.run_dir}): a checkpoint of it is "
+                    "written; continue with `senseflow train ... --resume`"
+                )
             bar.update(1)
             bar.set_postfix(
                 {k.removeprefix("loss_"): f"{v:.3g}" for k, v in self.last_losses.items()}, refresh=False

@@ -248,7 +248,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         for seed in args.seeds:
             run_dir = runs / v / f"seed{seed}"
             overrides = [*base, *VARIANTS[v].overrides, f"seed={seed}", f"output_dir={run_dir}"]
-            cfg = load_config(recipe, [*overrides, "checkpoint.resume=latest"])
+            cfg = load_config(recipe, [*overrides, "checkpoint.resume=auto"])
             timing = train_run(cfg, run_dir, progress=not args.quiet)
             quality = measure_run(run_dir, cfg, prompts, refs, ref_key, picks)
             log = read_log(run_dir / "log.jsonl")

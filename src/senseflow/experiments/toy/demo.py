@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from senseflow import inputs
 from senseflow.config import load_config
 from senseflow.experiments.toy.report import SPLITS, markdown_table, teacher_generator
 from senseflow.families.toy.pipeline import ToyTeacher
@@ -57,8 +58,13 @@ def paired_accuracy(student: Generator, baseline: Generator, per_split: int, see
 def run_demo(
     out_dir: Path, recipe: str, per_split: int, seed: int, overrides: list[str], paired_per_split: int = 300
 ) -> Path:
+    inputs.at_least(per_split, 1, "--per-split")
+    inputs.at_least(paired_per_split, 1, "--paired-per-split")
+    inputs.seed(seed, "--seed")
+    inputs.output_folder(out_dir, "--out")
+    # auto: continue the run a rerun finds in the folder, else start one
+    cfg = load_config(recipe, [f"output_dir={out_dir / 'train'}", "checkpoint.resume=auto", *overrides])
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(recipe, [f"output_dir={out_dir / 'train'}", "checkpoint.resume=latest", *overrides])
     start = time.perf_counter()
     Distiller(cfg).run()
     train_minutes = (time.perf_counter() - start) / 60
@@ -142,7 +148,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=300,
         help="prompts per split of the paired accuracy test (student vs the 4-step teacher)",
     )
-    p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. schedule.iterations=200")
+    p.add_argument(
+        "overrides", nargs="*", default=[], help="dotted recipe overrides, e.g. schedule.iterations=200"
+    )
     p.set_defaults(
         func=lambda a: run_demo(Path(a.out), a.recipe, a.per_split, a.seed, a.overrides, a.paired_per_split)
     )

@@ -125,12 +125,12 @@ def sha256_weights(path: PathType) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_state_dict_file(path: PathType, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: PathType) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` dict from ``.safetensors`` or a torch checkpoint.
 
     Torch checkpoints may be plain state dicts or ``{'state_dict': {...}}`` (other top-level entries
     are dropped). A common ``module.`` prefix (DDP) is stripped. ``torch.load`` runs with
-    ``weights_only=True`` unless ``allow_pickle=True`` (only for files from a trusted source).
+    ``weights_only=True`` always: a pickle that names code is refused, never run.
     """
     path = Path(path)
     if not path.is_file():
@@ -141,13 +141,12 @@ def load_state_dict_file(path: PathType, *, allow_pickle: bool = False) -> dict[
         obj: Any = load_file(str(path))
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            if allow_pickle:
-                raise
             raise ScorerLoadError(
-                f"{path}: torch.load(weights_only=True) refused the file ({err}); if it comes from a "
-                "trusted source, load it with allow_pickle=True"
+                f"{path}: refused, it is not a plain tensor file (torch.load with weights_only=True: "
+                f"{str(err).splitlines()[0]}); if it comes from a trusted source, convert it once to "
+                "safetensors (a state dict saved with safetensors.torch.save_file) and point to that"
             ) from err
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]

@@ -213,7 +213,6 @@ def load_clip_model(
     hidden_act: str | None = None,
     bos_token_id: int = 49406,
     eos_token_id: int = 49407,
-    allow_pickle: bool = False,
 ) -> LoadedClip:
     """A :class:`transformers.CLIPModel` (float32, eval mode, on CPU) from a local path.
 
@@ -242,7 +241,7 @@ def load_clip_model(
         ).check()
         return LoadedClip(model.float().eval(), report, "from_pretrained", path)
 
-    state = load_state_dict_file(path, allow_pickle=allow_pickle)
+    state = load_state_dict_file(path)
     if is_open_clip_state_dict(state):
         clip_config, converted, report = open_clip_to_clip_state_dict(
             state,
@@ -283,14 +282,13 @@ def load_clip_with_tokenizer(
     tokenizer: Any = None,
     *,
     arch: str | None = None,
-    allow_pickle: bool = False,
     **convert_kwargs: Any,
 ) -> tuple[LoadedClip, Any]:
     """A CLIP model from ``path`` and its tokenizer, the model's text pooling set by the tokenizer.
 
     ``tokenizer``: a tokenizer object, a tokenizer folder or ``bpe_simple_vocab_16e6.txt.gz``;
     ``None`` takes the tokenizer files of ``path`` when it is a folder (:func:`load_clip_tokenizer`).
-    The tokenizer's BOS/EOS ids, ``arch``, ``allow_pickle`` and ``convert_kwargs`` (``config``,
+    The tokenizer's BOS/EOS ids, ``arch`` and ``convert_kwargs`` (``config``,
     ``vision_heads``, ``text_heads``, ``hidden_act``) go to :func:`load_clip_model`.
     """
     fallback = Path(path) if Path(path).is_dir() else None
@@ -298,7 +296,6 @@ def load_clip_with_tokenizer(
     loaded = load_clip_model(
         path,
         arch=arch,
-        allow_pickle=allow_pickle,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **convert_kwargs,
