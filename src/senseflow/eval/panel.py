@@ -330,15 +330,11 @@ class Panel:
         import torch
         from PIL import Image
 
-        from senseflow.metrics.scoring.embeddings import clip_image_embeds, l2_normalise
-
         scorer, batch, out = self.scorers["clip_score"], self.cfg.metrics.batch_size, []
         for start in range(0, len(images.files), batch):
             idx = list(range(start, min(start + batch, len(images.files))))
-            pil = [Image.fromarray(a) for a in images.load(idx)]
-            pixels = scorer.preprocess(pil).to(device=scorer.device, dtype=scorer.dtype)
             with torch.inference_mode():
-                out.append(l2_normalise(clip_image_embeds(scorer.model, pixels).float()).cpu().numpy())
+                out.append(scorer.image_embeds([Image.fromarray(a) for a in images.load(idx)]).cpu().numpy())
         return np.concatenate(out).astype(np.float64)
 
     def _diversity(self, div: DiversityImages, feature: str) -> dict[str, Any]:

@@ -173,10 +173,14 @@ class ClipScorer(PairScorer):
             ids = insert_prefix_tokens(ids, self.prefix_ids, self.eot_id)
         return ids
 
-    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    def image_embeds(self, images: list[Image.Image]) -> torch.Tensor:
+        """L2-normalised float32 image embeddings ``[B, D]`` (also intra-prompt diversity's features)."""
         pixels = self.preprocess(images).to(device=self.device, dtype=self.dtype)
+        return l2_normalise(clip_image_embeds(self.model, pixels).float())
+
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         ids = self.tokenize(prompts).to(self.device)
-        image_emb = l2_normalise(clip_image_embeds(self.model, pixels).float())
+        image_emb = self.image_embeds(images)
         text_emb = l2_normalise(clip_text_embeds(self.model, ids).float())
         return (image_emb * text_emb).sum(dim=-1)
 

@@ -30,7 +30,7 @@ from senseflow.train.checkpoint_layout import (
     OLD_SUFFIX,
     STATE,
     TMP_SUFFIX,
-    fsync_dir,
+    fsync_path,
     latest_checkpoint,
     prune,
 )
@@ -98,11 +98,7 @@ def save_torch(obj: Any, file: Path) -> None:
 def write_text(file: Path, text: str) -> None:
     """Write and flush a small text file."""
     file.write_text(text)
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(file)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -119,7 +115,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     except OSError:
         old.rename(final)
         raise
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)  # what is left, clean_partial removes
 
 
@@ -149,11 +145,11 @@ def commit(
         write_text(w.file, json.dumps({**meta, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
         w.file = tmp / MANIFEST
         write_manifest(tmp, hashes)
-        fsync_dir(tmp)
+        fsync_path(tmp)
         w.file = final
         _move_into_place(tmp, final)
     try:
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
     except OSError as exc:
         warnings.warn(
             f"checkpoint {final} is in place but its folder could not be flushed: {exc}", stacklevel=2

@@ -51,8 +51,9 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames and new entries in ``path`` durable (a rename is atomic, not durable, by itself)."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's renames and new entries, to disk (a rename is atomic, not
+    durable, by itself; safetensors and DCP do not flush the files they write)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -164,7 +165,7 @@ def discard(path: Path) -> None:
     doomed = path.with_name(path.name + DELETING_SUFFIX)
     shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier, interrupted deletion
     path.rename(doomed)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(doomed)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from senseflow.train.checkpoint_layout import (
     MANIFEST,
     META,
     IncompleteCheckpointError,
+    fsync_path,
     one_line,
 )
 
@@ -42,16 +42,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    """Flush a file written by a library that does not (safetensors, DCP) before the rename publishes
-    it; after a power cut the folder could otherwise be in place with a file's data missing."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _checkpoint_files(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST
@@ -60,10 +50,11 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 
 def write_manifest(folder: Path, hashes: bool = True) -> Path:
     """List every file under ``folder`` (relative path, size, SHA-256 when ``hashes``) in
-    ``manifest.json``, after flushing each to disk; the manifest itself is flushed too."""
+    ``manifest.json``, after flushing each to disk (so that after a power cut the renamed folder
+    cannot lack a file's data); the manifest itself is flushed too."""
     files = []
     for path in _checkpoint_files(folder):
-        _fsync_file(path)
+        fsync_path(path)
         entry: dict[str, Any] = {"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size}
         if hashes:
             entry["sha256"] = file_sha256(path)
@@ -71,7 +62,7 @@ def write_manifest(folder: Path, hashes: bool = True) -> Path:
     manifest = {"version": MANIFEST_VERSION, "hashed": hashes, "files": files}
     out = folder / MANIFEST
     out.write_text(json.dumps(manifest, indent=1) + "\n")
-    _fsync_file(out)
+    fsync_path(out)
     return out
 
 

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Protocol
 
-from senseflow.errors import CheckpointError, RunFolderError
+from senseflow.errors import RunFolderError
 from senseflow.train import checkpoint as ckpt
 
 log = logging.getLogger("senseflow")
@@ -35,28 +35,21 @@ def resume_run(run: Resumable, root: Path, mode: str | None) -> Path | None:
     if mode not in ("latest", "auto"):
         run.resume(Path(mode))
         return Path(mode)
-    failed: list[str] = []
-    for path in ckpt.resume_candidates(root):
-        try:
-            run.resume(path)
-        except CheckpointError as exc:
-            failed.append(path.name)
-            log.warning("checkpoint %s is unusable (%s); trying the next older one", path, exc)
-            continue
-        if failed:
-            log.warning("resumed from %s instead of the newer, unusable %s", path, ", ".join(failed))
-        return path
-    if failed:
-        raise CheckpointError(
-            f"no usable checkpoint in {root}: {', '.join(failed)} failed to load (reasons above); start "
-            "a new run with --overwrite (the old folder is kept aside) or resume from a copy"
-        )
-    if mode == "latest":
-        raise RunFolderError(
-            f"nothing to resume ({root}): no complete checkpoint; use --resume auto to start fresh when "
-            "there is none"
-        )
-    return None
+    try:
+        path, _, skipped = ckpt.load_newest_good(root, run.resume)
+    except ckpt.IncompleteCheckpointError:  # no checkpoint at all
+        if mode == "latest":
+            raise RunFolderError(
+                f"nothing to resume ({root}): no complete checkpoint; use --resume auto to start fresh "
+                "when there is none"
+            ) from None
+        return None
+    for unusable, reason in skipped:
+        log.warning("checkpoint %s is unusable (%s); trying the next older one", unusable, reason)
+    if skipped:
+        names = ", ".join(p.name for p, _ in skipped)
+        log.warning("resumed from %s instead of the newer, unusable %s", path, names)
+    return path
 
 
 def check_data_stream(path: Path, saved: str | None, current: str) -> None:
