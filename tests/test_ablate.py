@@ -26,6 +26,12 @@ def _args(teacher, tmp_path):
         "2",
         "--per-split",
         "2",
+        "--diversity-prompts",
+        "2",
+        "--diversity-seeds",
+        "2",
+        "--curve-every",
+        "1",
         "--variants",
         "vanilla",
         "full",
@@ -44,6 +50,7 @@ def test_ablate_writes_report_and_resumes(tiny_teacher_dir, tmp_path, capsys):
     md = (out / "toy_ablation.md").read_text()
     payload = json.loads((out / "toy_ablation.json").read_text())
     assert (out / "toy_ablation_curves.png").is_file() and (out / "toy_ablation_samples.png").is_file()
+    assert (out / "toy_ablation_quality.png").is_file()
 
     assert payload["variants"] == ["vanilla", "full"]
     assert [(r["variant"], r["seed"]) for r in payload["runs"]] == [("vanilla", 0), ("full", 0)]
@@ -57,10 +64,22 @@ def test_ablate_writes_report_and_resumes(tiny_teacher_dir, tmp_path, capsys):
             "accuracy_all",
             "accuracy_heldout",
             "seconds_per_iteration",
+            "precision",
+            "recall",
+            "diversity",
         ):
             assert math.isfinite(s[key]["mean"]), (v, key)
+        for key in ("texture", "green_cast"):  # None when the tiny teacher's images have no background
+            assert s[key]["mean"] is None or math.isfinite(s[key]["mean"]), (v, key)
+    # Every kept checkpoint is measured: the quality curve has a point per iteration (--curve-every 1).
+    for run in payload["runs"]:
+        assert [p["iteration"] for p in run["curve"]] == [1, 2]
+        assert run["curve"][-1]["fid_teacher"] == run["fid"]["teacher"]
+        assert 0 <= run["coverage"]["recall"] <= 1 and run["diversity"]["prompts"] == 2
+    assert payload["paired"] == [] and "Paired by seed" not in md  # one seed: nothing to test
+    assert "Coverage, diversity and background" in md
     assert payload["summary"]["vanilla"]["time_vs_baseline"] == 1.0
-    assert "senseflow toy ablate --seeds 0 --variants vanilla full" in md
+    assert "senseflow toy ablate --seeds 0 --variants vanilla full" in md and "--curve-every 1" in md
     assert len(payload["reference"]) == 3 and "FID-T floor" in md
     weights = tiny_teacher_dir / "transformer" / "diffusion_pytorch_model.safetensors"
     assert payload["teacher_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()

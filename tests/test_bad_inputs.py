@@ -222,7 +222,9 @@ def test_the_table_covers_every_command():
     assert set(COMMANDS) <= commands
     subcommands = {tuple(c.argv.split()[:2]) for c in CASES}
     assert {("eval", s) for s in ("run", "weights", "build-prompts", "fetch-weights")} <= subcommands
-    assert {("toy", s) for s in ("train-teacher", "sample", "report-teacher")} <= subcommands
+    assert {
+        ("toy", s) for s in ("train-teacher", "sample", "report-teacher", "ablate", "curve")
+    } <= subcommands
     assert len(CASES) >= 80 and len({c.id for c in CASES}) == len(CASES)
 
 

@@ -47,17 +47,6 @@ def diversity_features(cfg: EvalConfig) -> list[str]:
     return found
 
 
-def _layout(image: np.ndarray, prompt: str) -> np.ndarray | None:
-    """The toy scene's layout: (cx, cy, extent) in pixels of each prompted object, in prompt order
-    (the evaluator's detection of its colour); None when an object is not found."""
-    from senseflow.metrics.shapes.evaluator import score_image
-
-    objects = score_image(image, prompt).objects
-    if not all(o.found for o in objects):
-        return None
-    return np.array([v for o in objects for v in (o.detection.cx, o.detection.cy, o.detection.extent)])
-
-
 @dataclass(frozen=True)
 class PromptSet:
     prompts: list[str]
@@ -340,7 +329,7 @@ class Panel:
     def _diversity(self, div: DiversityImages, feature: str) -> dict[str, Any]:
         """Mean over prompts of the mean pairwise feature distance among each prompt's images; the
         toy block adds the layout diversity (object positions and sizes from the rule-based evaluator)."""
-        from senseflow.metrics.coverage import intra_prompt_diversity, mean_pairwise_distance
+        from senseflow.metrics.coverage import intra_prompt_diversity
 
         block: dict[str, Any] = {
             "value": None,
@@ -361,19 +350,11 @@ class Panel:
         groups = vectors.reshape(div.prompts, div.seeds_per_prompt, -1)
         block["value"], block["per_prompt"] = intra_prompt_diversity(groups)
         if feature == "toy":
-            pixels = div.images.load()
-            per_prompt = []
-            for i in range(div.prompts):
-                rows = range(i * div.seeds_per_prompt, (i + 1) * div.seeds_per_prompt)
-                found = [v for j in rows if (v := _layout(pixels[j], div.images.prompts[j])) is not None]
-                if len(found) >= 2:
-                    per_prompt.append(mean_pairwise_distance(np.stack(found)))
-            block["layout"] = {
-                "value": float(np.mean(per_prompt)) if per_prompt else None,
-                "attributes": "(cx, cy, extent) in pixels of each prompted object, from the rule-based "
-                "evaluator; images missing an object are left out",
-                "prompts_used": len(per_prompt),
-            }
+            from senseflow.metrics.shapes.evaluator import layout_diversity
+
+            block["layout"] = layout_diversity(
+                div.images.load(), div.images.prompts, div.prompts, div.seeds_per_prompt
+            )
         return block
 
     def _pair_scores(self, key: str, scorer: Any, images: ImageSet) -> np.ndarray:

@@ -55,6 +55,20 @@ class NetworkCalls:
     discriminator_train: DiscCall | None = None
 
 
+def grad_ratio(term: Tensor, reference: Tensor, wrt: Tensor) -> float:
+    """``|d term / d wrt| / |d reference / d wrt|`` (Frobenius norms): how hard a loss term pulls on
+    G's output relative to another (ISG against DMD). Only the elementwise graph between the losses
+    and ``wrt`` is traversed, so no parameter gradient is touched; NaN when ``wrt`` has no graph."""
+    if not wrt.requires_grad:
+        return float("nan")
+    (g_term,) = torch.autograd.grad(term, wrt, retain_graph=True, allow_unused=True)
+    (g_ref,) = torch.autograd.grad(reference, wrt, retain_graph=True, allow_unused=True)
+    if g_term is None or g_ref is None:
+        return float("nan")
+    ref = g_ref.float().norm()
+    return float("nan") if ref == 0 else (g_term.float().norm() / ref).item()
+
+
 class SenseFlowStep:
     def __init__(
         self,
@@ -177,6 +191,8 @@ class SenseFlowStep:
             isg = isg_loss(t.x_direct, t.x_target, m.isg.loss, m.isg.charbonnier_eps)
             total = total + m.isg.weight * isg
             logs["loss_isg"] = isg.item()
+            logs["isg_abs_diff"] = (t.x_direct.detach() - t.x_target).abs().mean().item()
+            logs["isg_grad_ratio"] = grad_ratio(m.isg.weight * isg, dmd.loss, out_in)
         return total, logs
 
     def fake_loss(self, x0: Tensor, d: StepDraws, cond: Conditioning) -> Tensor:

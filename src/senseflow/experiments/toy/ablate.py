@@ -28,91 +28,41 @@ from pathlib import Path
 
 import numpy as np
 
-from senseflow.experiments.toy.ablate_plots import CURVES, _grid, _mean_over_seeds, plot_curves
-from senseflow.experiments.toy.ablate_report import markdown, summarise
+from senseflow import inputs
+from senseflow.experiments.toy.ablate_measure import (
+    Diversity,
+    measure_run,
+    quality_point,
+    read_json,
+    reference,
+)
+from senseflow.experiments.toy.ablate_plots import (
+    CURVES,
+    QUALITY,
+    _grid,
+    _mean_over_seeds,
+    mean_sd_over_seeds,
+    plot_curves,
+    plot_quality,
+)
+from senseflow.experiments.toy.ablate_report import markdown, paired_tests, summarise
 from senseflow.experiments.toy.ablate_variants import DEFAULT_SET, SAMPLER, SETS, VARIANTS
-from senseflow.families.toy.folder import resolve_teacher_folder
 from senseflow.jsonfile import write_json
-from senseflow.metrics.weights import sha256_file
 
 SPLITS = ("train", "test", "heldout")
 
 
-def _teacher_sha256(folder: str | None) -> str:
-    """sha256 of the teacher's transformer weights: which teacher the numbers belong to."""
-    weights = resolve_teacher_folder(folder) / "transformer" / "diffusion_pytorch_model.safetensors"
-    return sha256_file(weights)
-
-
 #: Overrides of every ablation run: log each iteration (loss_dmd exists on generator turns only),
-#: no sample grids during training (they would distort the timing), keep only the newest checkpoint.
-RUN_OVERRIDES = ("logging.every=1", "logging.sample_every=null", "checkpoint.keep_last=1")
+#: no sample grids during training (they would distort the timing). Checkpoints are written every
+#: ``--curve-every`` iterations and all kept: the quality curves measure each of them.
+RUN_OVERRIDES = ("logging.every=1", "logging.sample_every=null")
 
-SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's second sample set (the FID-T floor)
 GRID_PROMPTS = 8  # test and held-out prompts shown in the sample grid
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _grid_picks(per_split: int, n: int) -> np.ndarray:
     """Indices of GRID_PROMPTS prompts spread over the test and held-out part of the prompt set."""
     return np.linspace(per_split, n - 1, min(GRID_PROMPTS, n - per_split)).astype(int)
-
-
-# ------------------------------------------------------------------------------------------ reference
-
-
-def reference(teacher_folder: str | None, prompts, per_split: int, prompt_seed: int, root: Path, picks):
-    """Teacher and render features of the prompt set, teacher baseline rows, the teacher's grid images
-    and the cache key; computed once and cached in ``root``."""
-    from senseflow.families.toy.pipeline import ToyTeacher
-    from senseflow.metrics.shapes.evaluator import to_uint8
-    from senseflow.metrics.shapes.features import extract_features
-    from senseflow.metrics.shapes.quality import measure, render_reference
-
-    teacher = ToyTeacher(teacher_folder)
-    steps, guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
-    key = {
-        "teacher": str(teacher.folder.resolve()),
-        "per_split": per_split,
-        "prompt_seed": prompt_seed,
-        "steps": steps,
-        "guidance": guidance,
-    }
-    meta = _read_json(root / "meta.json")
-    if meta is not None and meta["key"] == key and (root / "features.npz").is_file():
-        print(f"reference: cached in {root}", flush=True)
-        feats = np.load(root / "features.npz")
-        return {k: feats[k] for k in feats.files}, meta["rows"], np.load(root / "teacher_samples.npy"), key
-
-    def teacher_gen(n_steps: int, offset: int = 0):
-        def generate(p: list[str], s: list[int]) -> np.ndarray:
-            return to_uint8(teacher.sample(p, [x + offset for x in s], steps=n_steps, guidance=guidance))
-
-        return generate
-
-    print(
-        f"reference: sampling the teacher ({steps} steps, CFG {guidance}) on {len(prompts.prompts)} prompts"
-    )
-    refs = {"renders": extract_features(render_reference(prompts.prompts, seed=prompt_seed + 1))}
-    rows = []
-    ref_report, ref_images = measure(f"teacher, {steps} steps", teacher_gen(steps), prompts, refs)
-    refs["teacher"] = extract_features(ref_images)
-    ref_report.fid["teacher"] = 0.0
-    rows.append(ref_report)
-    for name, gen in (
-        (f"teacher, {steps} steps, other seeds (FID-T floor)", teacher_gen(steps, SECOND_SEED_SET)),
-        (f"teacher, 4 steps (Euler, CFG {guidance})", teacher_gen(4)),
-    ):
-        rows.append(measure(name, gen, prompts, refs)[0])
-    rows = [{"name": r.name, "seconds": r.seconds, "accuracy": r.accuracy, "fid": r.fid} for r in rows]
-    root.mkdir(parents=True, exist_ok=True)
-    np.savez(root / "features.npz", **refs)
-    np.save(root / "teacher_samples.npy", ref_images[picks])
-    write_json(root / "meta.json", {"key": key, "rows": rows})
-    return refs, rows, ref_images[picks], key
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -140,7 +90,7 @@ def train_run(cfg, run_dir: Path, progress: bool) -> dict:
         )
     if (final / ckpt.META).is_file():
         print(f"skip training {run_dir}: final checkpoint {final.name} exists", flush=True)
-        return _read_json(timing_path) or {
+        return read_json(timing_path) or {
             "seconds": None,
             "iterations_timed": 0,
             "seconds_per_iteration": None,
@@ -160,37 +110,6 @@ def train_run(cfg, run_dir: Path, progress: bool) -> dict:
     }
     write_json(timing_path, timing)
     return timing
-
-
-def measure_run(run_dir: Path, cfg, prompts, refs: dict, ref_key: dict, picks) -> dict:
-    """Accuracy and FIDs of the run's final student (cached in the run folder)."""
-    from senseflow.metrics.shapes.evaluator import to_uint8
-    from senseflow.metrics.shapes.quality import measure
-    from senseflow.student import Student
-    from senseflow.train import checkpoint as ckpt
-
-    path = run_dir / "checkpoints" / ckpt.checkpoint_name(cfg.schedule.iterations)
-    key = {**ref_key, "checkpoint": path.name, "sampler": SAMPLER}
-    cache = run_dir / "ablate_quality.json"
-    cached = _read_json(cache)
-    if cached is not None and cached["key"] == key and (run_dir / "ablate_samples.npy").is_file():
-        print(f"skip measuring {run_dir}: measured before", flush=True)
-        return cached
-    student = Student.from_run(run_dir, path)
-
-    def generate(p: list[str], s: list[int]) -> np.ndarray:
-        return to_uint8(student.sample(p, s, mode=SAMPLER))
-
-    report, images = measure(str(run_dir), generate, prompts, refs)
-    np.save(run_dir / "ablate_samples.npy", images[picks])
-    out = {"key": key, "seconds": report.seconds, "accuracy": report.accuracy, "fid": report.fid}
-    write_json(cache, out)
-    print(
-        f"measured {run_dir}: all {100 * report.accuracy['all']['overall']['all']:.1f}% "
-        f"FID-T {report.fid['teacher']:.2f}",
-        flush=True,
-    )
-    return out
 
 
 def read_log(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -213,6 +132,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
     import torch
 
     from senseflow.config import load_config
+    from senseflow.experiments.toy.report import teacher_sha256
     from senseflow.metrics.shapes.quality import PromptSet
 
     if args.threads:
@@ -234,15 +154,22 @@ def run_ablation(args: argparse.Namespace) -> Path:
     if args.batch_size:
         base.append(f"data.batch_size={args.batch_size}")
     base_cfg = load_config(recipe, base)
+    inputs.at_least(args.curve_every, 1, "--curve-every")
+    points = math.ceil(base_cfg.schedule.iterations / args.curve_every)
+    base += [f"checkpoint.every={args.curve_every}", f"checkpoint.keep_last={points}"]
     teacher_folder = base_cfg.model.teacher
 
     prompts = PromptSet.sample(SPLITS, args.per_split, seed=args.prompt_seed)
     picks = _grid_picks(args.per_split, len(prompts.prompts))
+    div = Diversity(args.diversity_prompts, args.diversity_seeds)
+    inputs.at_least(div.prompts, 1, "--diversity-prompts")
+    inputs.at_least(div.seeds, 2, "--diversity-seeds")
+    key_base = {"per_split": args.per_split, "prompt_seed": args.prompt_seed}
     refs, ref_rows, teacher_picks, ref_key = reference(
-        teacher_folder, prompts, args.per_split, args.prompt_seed, runs / "reference", picks
+        teacher_folder, prompts, key_base, runs / "reference", picks, div
     )
 
-    records, curves, grid_rows = [], {}, {"teacher": teacher_picks}
+    records, curves, quality_curves, grid_rows = [], {}, {}, {"teacher": teacher_picks}
     for v in args.variants:
         per_seed = []
         for seed in args.seeds:
@@ -250,7 +177,8 @@ def run_ablation(args: argparse.Namespace) -> Path:
             overrides = [*base, *VARIANTS[v].overrides, f"seed={seed}", f"output_dir={run_dir}"]
             cfg = load_config(recipe, [*overrides, "checkpoint.resume=auto"])
             timing = train_run(cfg, run_dir, progress=not args.quiet)
-            quality = measure_run(run_dir, cfg, prompts, refs, ref_key, picks)
+            quality = measure_run(run_dir, cfg, prompts, refs, ref_key, picks, div)
+            final = quality["final"]
             log = read_log(run_dir / "log.jsonl")
             per_seed.append(log)
             last = {k: float(y[-1]) for k, (_, y) in log.items() if len(y)}
@@ -261,22 +189,38 @@ def run_ablation(args: argparse.Namespace) -> Path:
                     "run_dir": str(run_dir),
                     "overrides": overrides,
                     "timing": timing,
-                    "fid": quality["fid"],
-                    "accuracy": quality["accuracy"],
-                    "sampling_seconds": quality["seconds"],
+                    "fid": final["fid"],
+                    "accuracy": final["accuracy"],
+                    "coverage": final["coverage"],
+                    "background": final["background"],
+                    "diversity": final["diversity"],
+                    "sampling_seconds": final["seconds"],
                     "last_logged": last,
+                    "curve": [{"iteration": q["iteration"], **quality_point(q)} for q in quality["curve"]],
                 }
             )
             if seed == min(args.seeds):
-                grid_rows[VARIANTS[v].label] = np.load(run_dir / "ablate_samples.npy")
+                grid_rows[VARIANTS[v].label] = final["samples"]
         curves[v] = {key: _mean_over_seeds([c[key] for c in per_seed]) for key, _ in CURVES}
+        points = [r["curve"] for r in records if r["variant"] == v]
+        quality_curves[v] = {
+            key: mean_sd_over_seeds(
+                [
+                    (np.array([p["iteration"] for p in c]), np.array([p[key] for p in c], dtype=float))
+                    for c in points
+                ]
+            )
+            for key, _, _ in QUALITY
+        }
 
     out.mkdir(parents=True, exist_ok=True)
     stem = out / vset.stem
-    curves_png = grid_png = None
+    curves_png = grid_png = quality_png = None
     if not args.no_figures:
         labels = {v: VARIANTS[v].label for v in curves}
         curves_png = plot_curves(curves, labels, stem.with_name(f"{vset.stem}_curves.png"))
+        levels = {row["name"].split(" (")[0]: quality_point(row) for row in ref_rows[1:]}
+        quality_png = plot_quality(quality_curves, labels, stem.with_name(f"{vset.stem}_quality.png"), levels)
         if len(picks):
             grid_png = _grid(grid_rows, stem.with_name(f"{vset.stem}_samples.png"))
     payload = {
@@ -286,7 +230,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "baseline": vset.baseline,
         "recipe": str(recipe),
         "teacher": str(teacher_folder) if teacher_folder else "shipped toy teacher",
-        "teacher_sha256": _teacher_sha256(teacher_folder),
+        "teacher_sha256": teacher_sha256(teacher_folder),
         "iterations": base_cfg.schedule.iterations,
         "batch_size": base_cfg.data.batch_size,
         "seeds": list(args.seeds),
@@ -295,9 +239,12 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "prompts": len(prompts.prompts),
         "sampler": SAMPLER,
         "variants": list(args.variants),
+        "curve_every": args.curve_every,
+        "diversity": {"prompts": div.prompts, "seeds_per_prompt": div.seeds},
         "variant_overrides": {v: list(VARIANTS[v].overrides) for v in args.variants},
         "run_overrides": list(RUN_OVERRIDES),
         "summary": summarise(records, list(args.variants), vset.baseline),
+        "paired": paired_tests(records, list(args.variants), vset.baseline),
         "reference": ref_rows,
         "runs": records,
         "json": stem.with_suffix(".json").name,
@@ -305,7 +252,8 @@ def run_ablation(args: argparse.Namespace) -> Path:
     }
     write_json(stem.with_suffix(".json"), payload)
     md = stem.with_suffix(".md")
-    md.write_text(markdown(payload, curves_png and curves_png.name, grid_png and grid_png.name))
+    figures = {"curves": curves_png, "quality": quality_png, "grid": grid_png}
+    md.write_text(markdown(payload, {k: p.name for k, p in figures.items() if p is not None}))
     print(f"ablation written to {md}", flush=True)
     return md
 
@@ -322,6 +270,7 @@ def command_line(args: argparse.Namespace) -> str:
         ("--batch-size", args.batch_size),
         ("--per-split", args.per_split),
         ("--prompt-seed", args.prompt_seed),
+        ("--curve-every", args.curve_every),
         ("--runs", args.runs),
         ("--out", args.out),
     ):
@@ -359,6 +308,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--per-split", type=int, default=100, help="measured prompts per split (train, test, heldout)"
     )
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the measured prompt set")
+    p.add_argument("--diversity-prompts", type=int, default=16, help="prompts of the diversity measure")
+    p.add_argument("--diversity-seeds", type=int, default=4, help="seeds per prompt of the diversity measure")
+    p.add_argument(
+        "--curve-every",
+        type=int,
+        default=100,
+        help="iterations between the checkpoints whose students the quality curves measure (default 100)",
+    )
     p.add_argument("--runs", default="runs/toy_ablation", help="training runs and the reference cache")
     p.add_argument("--out", default="docs/results", help="folder of the report (<stem>.md/.json, PNGs)")
     p.add_argument("--no-figures", action="store_true", help="markdown and JSON only, no PNGs")

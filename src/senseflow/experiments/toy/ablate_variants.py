@@ -8,36 +8,61 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Variant:
+    """A recipe variant; ``against``: the variant it differs from by one change (the paired tests)."""
+
     label: str
     overrides: tuple[str, ...]
+    against: str | None = None
 
 
 _NO_IDA = "method.ida.enabled=false"
 _NO_ISG = "method.isg.weight=0"
 _NO_GAN = "method.gan.type=none"
+_NO_BS = "method.backward_sim_prob=0"
+_CHARBONNIER = "method.isg.loss=charbonnier"  # the official SD3.5 code's ISG loss (eps 1e-3)
+_TTUR1 = "method.ttur_ratio=1"  # one fake-score update per generator update: the fake score lags
+_HIGH_LR = ("optim.generator.lr=5e-4", "optim.fake.lr=5e-4")  # 5x the recipe's: G outruns the fake score
 
-#: name -> recipe overrides on configs/toy/distill.yaml (the recipe itself is the full method).
+#: name -> recipe overrides on configs/toy/distill.yaml (the recipe itself is the full method, with
+#: the paper's squared-L2 ISG at weight 1).
 VARIANTS: dict[str, Variant] = {
+    "no_bs": Variant("DMD2, no backward simulation", (_NO_IDA, _NO_ISG, _NO_GAN, _NO_BS), "vanilla"),
     "vanilla": Variant("vanilla DMD2", (_NO_IDA, _NO_ISG, _NO_GAN)),
-    "ida": Variant("+IDA", (_NO_ISG, _NO_GAN)),
-    "isg": Variant("+ISG", (_NO_IDA, _NO_GAN)),
-    "ida_isg": Variant("+IDA+ISG", (_NO_GAN,)),
-    "full": Variant("full (IDA+ISG+GAN)", ()),
-    # TTUR 1: one fake-score update per generator update, so the fake score lags the generator.
-    "stressed": Variant(
-        "vanilla DMD2, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, "method.ttur_ratio=1")
+    "ida": Variant("+IDA", (_NO_ISG, _NO_GAN), "vanilla"),
+    "isg": Variant("+ISG (L2, w 1)", (_NO_IDA, _NO_GAN), "vanilla"),
+    "isg_l2_w3": Variant("+ISG (L2, w 3)", (_NO_IDA, _NO_GAN, "method.isg.weight=3"), "isg"),
+    "isg_charbonnier": Variant("+ISG (Charbonnier, w 1)", (_NO_IDA, _NO_GAN, _CHARBONNIER), "isg"),
+    "isg_charbonnier_w02": Variant(
+        "+ISG (Charbonnier, w 0.2)",
+        (_NO_IDA, _NO_GAN, _CHARBONNIER, "method.isg.weight=0.2"),
+        "isg_charbonnier",
     ),
-    "stressed_ida": Variant("+IDA, TTUR 1 (stressed)", (_NO_ISG, _NO_GAN, "method.ttur_ratio=1")),
-    # ISG's loss and weight (on request): the paper's squared L2 instead of the code's Charbonnier,
-    # and SDXL's weight 0.2 instead of SD3.5's 1.0.
-    "isg_l2": Variant("+ISG, L2 loss", (_NO_IDA, _NO_GAN, "method.isg.loss=l2")),
-    "isg_w02": Variant("+ISG, weight 0.2", (_NO_IDA, _NO_GAN, "method.isg.weight=0.2")),
+    "ida_isg": Variant("+IDA+ISG", (_NO_GAN,), "isg"),
+    "full": Variant("full (IDA+ISG+GAN)", (), "vanilla"),
+    "full_charbonnier": Variant("full, Charbonnier ISG", (_CHARBONNIER,), "full"),
+    "full_no_gan_charbonnier": Variant(
+        "full, Charbonnier ISG, no GAN", (_CHARBONNIER, _NO_GAN), "full_charbonnier"
+    ),
+    "stressed": Variant("vanilla DMD2, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, _TTUR1), "vanilla"),
+    "stressed_ida": Variant("+IDA, TTUR 1 (stressed)", (_NO_ISG, _NO_GAN, _TTUR1), "stressed"),
+    "stressed_full": Variant("full, TTUR 1 (stressed)", (_TTUR1,), "stressed"),
+    "high_lr": Variant("vanilla DMD2, LR 5e-4 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, *_HIGH_LR), "vanilla"),
+    "high_lr_ida": Variant("+IDA, LR 5e-4 (stressed)", (_NO_ISG, _NO_GAN, *_HIGH_LR), "high_lr"),
     # The official code's quirk: the generator's adversarial gradient stays in D's heads' .grad and
     # is added to D's next update (the recipe, like the schema's default, leaves it off).
-    "full_leak": Variant("full, official grad leak", ("method.gan.official_grad_leak=true",)),
+    "full_leak": Variant("full, official grad leak", ("method.gan.official_grad_leak=true",), "full"),
 }
-#: The ablation set's variants (stressed_ida, isg_l2 and isg_w02 run on request; full_leak: SETS).
-DEFAULT_VARIANTS = ("vanilla", "ida", "isg", "ida_isg", "full", "stressed")
+#: The ablation set's variants (the others run on request; full_leak: SETS).
+DEFAULT_VARIANTS = (
+    "vanilla",
+    "ida",
+    "isg",
+    "isg_charbonnier",
+    "full",
+    "full_charbonnier",
+    "stressed",
+    "stressed_ida",
+)
 BASELINE = "vanilla"
 SAMPLER = "renoise"  # the students' sampler in the ablation
 

@@ -11,6 +11,7 @@ from senseflow.config.loader import load_config
 from senseflow.data.index import read_prompt_list
 from senseflow.errors import UsageError
 from senseflow.experiments.toy.ablate import add_parser as add_ablate_parser
+from senseflow.experiments.toy.curve import add_parser as add_curve_parser
 from senseflow.families.toy.world import SPLITS
 from senseflow.viz import image_grid, save_image
 
@@ -104,7 +105,7 @@ def cmd_report_teacher(args: argparse.Namespace) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     toy = subparsers.add_parser("toy", help="the built-in shapes world (CPU, no downloads)")
     sub = toy.add_subparsers(
-        dest="toy_command", metavar="{train-teacher,sample,report-teacher,ablate}", required=True
+        dest="toy_command", metavar="{train-teacher,sample,report-teacher,ablate,curve}", required=True
     )
 
     p = sub.add_parser("train-teacher", help="train the toy SD3 teacher from a recipe")
@@ -138,3 +139,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report_teacher)
 
     add_ablate_parser(sub)
+    add_curve_parser(sub)

@@ -18,7 +18,14 @@ import numpy as np
 
 from senseflow import inputs
 from senseflow.config import load_config
-from senseflow.experiments.toy.report import SPLITS, markdown_table, teacher_generator
+from senseflow.experiments.toy.report import (
+    SPLITS,
+    coverage_table,
+    markdown_table,
+    teacher_generator,
+    teacher_sha256,
+)
+from senseflow.experiments.toy.sample_cache import SampleCache
 from senseflow.families.toy.pipeline import ToyTeacher
 from senseflow.metrics.paired import PairedTest, mcnemar_exact
 from senseflow.metrics.shapes.evaluator import score_image, to_uint8
@@ -32,9 +39,14 @@ GRID_COLUMNS = 10
 DEFAULT_RECIPE = "toy/distill"  # the shipped recipe, found from any working directory
 PAIRED_SEED_BASE = 2_000_000  # seeds of the paired accuracy set: disjoint from the table's
 BATCH = 64
+DIVERSITY = (16, 4)  # intra-prompt diversity: prompts x seeds per prompt, for every row
+#: The teacher's reference-step samples of the demo's prompts, shipped beside the teacher (see
+#: senseflow.experiments.toy.sample_cache); a run also keeps its own copy in the output folder.
+PACKAGED_SAMPLES = Path("reference") / "demo_samples.npz"
+RUN_SAMPLES = "teacher_samples.npz"
 
 
-def _student_generator(student: Student, mode: str):
+def student_generator(student: Student, mode: str):
     return lambda prompts, seeds: to_uint8(student.sample(prompts, seeds, mode=mode))
 
 
@@ -55,10 +67,50 @@ def paired_accuracy(student: Generator, baseline: Generator, per_split: int, see
     return mcnemar_exact(_verdicts(student, prompt_set), _verdicts(baseline, prompt_set))
 
 
+def teacher_rows(
+    teacher: ToyTeacher, per_split: int, seed: int, diversity: tuple[int, int], caches: list[Path]
+) -> tuple[Comparison, str]:
+    """A comparison holding the renders row and the teacher's reference-step rows, and a sentence for
+    the report on where the teacher's images came from. Stored samples are looked for in ``caches``
+    (in order), then beside the teacher; images sampled anew are saved to ``caches[0]``."""
+    ref_steps, guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
+    comp = Comparison(SPLITS, per_split, seed=seed, diversity=diversity)
+    ref_name = f"teacher {ref_steps} steps, CFG {guidance}"
+    key = {"teacher_sha256": teacher_sha256(teacher.folder), "steps": ref_steps, "guidance": guidance}
+    sample = teacher_generator(teacher, ref_steps, guidance)
+    cache = SampleCache.open([*caches, teacher.folder / PACKAGED_SAMPLES], key, sample)
+    cached = cache.wrap(sample)
+    comp.add_reference_rows(lambda offset: lambda p, s: cached(p, [x + offset for x in s]), ref_name)
+    if cache.misses:
+        cache.save(caches[0])
+    if cache.source is None:
+        return comp, f"The teacher's {ref_steps}-step images were sampled in this run."
+    stored = len(cache.images) - cache.misses
+    packaged = cache.source == teacher.folder / PACKAGED_SAMPLES
+    where = f"`{PACKAGED_SAMPLES}` in the teacher's folder" if packaged else f"`{cache.source}`"
+    for report in comp.reports:
+        if report.name.startswith(ref_name):  # the look-up's time says nothing: quote the check's
+            report.seconds = cache.check_seconds_per_image * len(comp.prompt_set.prompts)
+    return comp, (
+        f"The teacher's {ref_steps}-step images come from stored samples of this teacher "
+        f"({where}, {stored} images; {cache.misses} sampled now); {cache.checked} of them were "
+        "sampled again and compared before use, and its rows' s / image is the time of that "
+        f"re-sampling (one batch of {cache.checked})."
+    )
+
+
 def run_demo(
-    out_dir: Path, recipe: str, per_split: int, seed: int, overrides: list[str], paired_per_split: int = 300
+    out_dir: Path,
+    recipe: str,
+    per_split: int,
+    seed: int,
+    overrides: list[str],
+    paired_per_split: int = 300,
+    diversity: tuple[int, int] = DIVERSITY,
 ) -> Path:
     inputs.at_least(per_split, 1, "--per-split")
+    inputs.at_least(diversity[0], 1, "--diversity-prompts")
+    inputs.at_least(diversity[1], 2, "--diversity-seeds")
     inputs.at_least(paired_per_split, 1, "--paired-per-split")
     inputs.seed(seed, "--seed")
     inputs.output_folder(out_dir, "--out")
@@ -72,19 +124,17 @@ def run_demo(
     teacher = ToyTeacher(cfg.model.teacher)
     ref_steps, guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
 
-    comp = Comparison(SPLITS, per_split, seed=seed)
-    ref_name = f"teacher {ref_steps} steps, CFG {guidance}"
-    comp.add_reference_rows(lambda offset: teacher_generator(teacher, ref_steps, guidance, offset), ref_name)
+    comp, cache_note = teacher_rows(teacher, per_split, seed, diversity, [out_dir / RUN_SAMPLES])
     few_step_teacher = teacher_generator(teacher, FEW_STEPS, guidance)
     baseline = comp.add(f"teacher {FEW_STEPS} steps, CFG {guidance}", few_step_teacher)
-    renoise = comp.add("student 4 steps (renoise)", _student_generator(student, "renoise"))
-    comp.add("student 4 steps (euler)", _student_generator(student, "euler"))
+    renoise = comp.add("student 4 steps (renoise)", student_generator(student, "renoise"))
+    comp.add("student 4 steps (euler)", student_generator(student, "euler"))
 
     n = len(comp.prompt_set.prompts)
     cols = np.linspace(per_split, n - 1, GRID_COLUMNS).astype(int)
     names = [k for k in comp.images if REFERENCE_SET_LABEL not in k]
     grid = save_image(labelled_rows([comp.images[k][cols] for k in names], names), out_dir / "grid.png")
-    paired = paired_accuracy(_student_generator(student, "renoise"), few_step_teacher, paired_per_split, seed)
+    paired = paired_accuracy(student_generator(student, "renoise"), few_step_teacher, paired_per_split, seed)
     payload = {
         "train_minutes": train_minutes,
         "recipe": recipe,
@@ -112,6 +162,13 @@ the same seeds for every row. FID-T is the FID to the teacher's {ref_steps}-step
 seed set ("{REFERENCE_SET_LABEL}"); the teacher's own {ref_steps}-step row gives FID-T's floor at this N.
 
 {markdown_table(comp.reports, n)}
+
+{coverage_table(comp.reports)}
+
+{cache_note} Precision and recall (k = 3) are against the FID-T reference set; diversity is the mean
+pairwise distance among {diversity[1]} seeds of each of {diversity[0]} prompts (toy features; layout:
+the evaluator's object positions and sizes); green cast and texture describe the background
+(`senseflow.metrics.shapes.background`).
 
 Student (renoise) vs teacher at {FEW_STEPS} Euler steps: FID-T lower by {margin_fid:.2f}, compositional
 accuracy higher by {100 * margin_acc:.1f} points.
@@ -149,8 +206,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="prompts per split of the paired accuracy test (student vs the 4-step teacher)",
     )
     p.add_argument(
+        "--diversity-prompts", type=int, default=DIVERSITY[0], help="prompts of the diversity measure"
+    )
+    p.add_argument(
+        "--diversity-seeds", type=int, default=DIVERSITY[1], help="seeds per prompt of the diversity measure"
+    )
+    p.add_argument(
         "overrides", nargs="*", default=[], help="dotted recipe overrides, e.g. schedule.iterations=200"
     )
     p.set_defaults(
-        func=lambda a: run_demo(Path(a.out), a.recipe, a.per_split, a.seed, a.overrides, a.paired_per_split)
+        func=lambda a: run_demo(
+            Path(a.out),
+            a.recipe,
+            a.per_split,
+            a.seed,
+            a.overrides,
+            a.paired_per_split,
+            (a.diversity_prompts, a.diversity_seeds),
+        )
     )

@@ -15,13 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from senseflow.families.toy.folder import resolve_teacher_folder
 from senseflow.families.toy.pipeline import ToyTeacher
 from senseflow.metrics.shapes.evaluator import to_uint8
 from senseflow.metrics.shapes.quality import REFERENCE_SET_LABEL, Comparison, QualityReport
+from senseflow.metrics.weights import sha256_file
 from senseflow.viz import labelled_rows, save_image
 
 SPLITS = ("train", "test", "heldout")
 GRID_PROMPTS = 10
+
+
+def teacher_sha256(folder: str | Path | None) -> str:
+    """SHA-256 of the teacher's transformer weights: which teacher a measurement belongs to."""
+    weights = resolve_teacher_folder(folder) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return sha256_file(weights)
 
 
 def teacher_generator(teacher: ToyTeacher, steps: int, guidance: float, seed_offset: int = 0):
@@ -51,6 +59,24 @@ def markdown_table(reports: list[QualityReport], n_images: int) -> str:
         fids = [_fmt(r.fid.get(k), pct=False) for k in ("renders", "teacher")]
         cells = [r.name, _fmt(acc["all"]), *by_split, *attributes, *fids, f"{r.seconds / n_images:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def coverage_table(reports: list[QualityReport]) -> str:
+    """Precision and recall against the teacher's reference set, intra-prompt diversity (toy features
+    and layout) and the background's green cast and texture, one row per report."""
+    head = (
+        "| setting | precision | recall | diversity (features) | diversity (layout, px) | green cast (0-255) "
+        "| background texture (0-255) |\n|" + "---|" * 7
+    )
+    lines = [head]
+    for r in reports:
+        cov, div, bg = r.coverage or {}, r.diversity or {}, r.background or {}
+        values = [cov.get("precision"), cov.get("recall"), div.get("features"), div.get("layout")]
+        values += [bg.get("green_cast"), bg.get("texture")]
+        digits = (3, 3, 2, 2, 2, 2)
+        cells = ["–" if v is None else f"{v:.{d}f}" for v, d in zip(values, digits, strict=True)]
+        lines.append("| " + " | ".join([r.name, *cells]) + " |")
     return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ import torch
 from scipy import ndimage
 
 from senseflow.families.toy.world import BACKGROUND, COLOURS, SceneSpec, parse_prompt
+from senseflow.metrics.coverage import mean_pairwise_distance
 from senseflow.metrics.image_io import quantise
 
 # --- thresholds -----------------------------------------------------------------------------------
@@ -386,3 +387,30 @@ def to_uint8(x: torch.Tensor | np.ndarray) -> np.ndarray:
     truncation would not. Non-finite values raise.
     """
     return quantise(x, rule="round")
+
+
+def layout_vector(image: np.ndarray, prompt: str) -> np.ndarray | None:
+    """The scene's layout: (cx, cy, extent) in pixels of each prompted object, in prompt order
+    (the evaluator's detection of its colour); None when an object is not found."""
+    objects = score_image(image, prompt).objects
+    if not all(o.found for o in objects):
+        return None
+    return np.array([v for o in objects for v in (o.detection.cx, o.detection.cy, o.detection.extent)])
+
+
+def layout_diversity(images: np.ndarray, prompts: Sequence[str], groups: int, per_group: int) -> dict:
+    """Mean over prompts of the mean pairwise distance of :func:`layout_vector` among one prompt's
+    images; ``images`` hold ``groups`` consecutive runs of ``per_group`` images of one prompt each.
+    Images missing an object are left out, prompts with fewer than two layouts too."""
+    per_prompt = []
+    for i in range(groups):
+        rows = range(i * per_group, (i + 1) * per_group)
+        found = [v for j in rows if (v := layout_vector(images[j], prompts[j])) is not None]
+        if len(found) >= 2:
+            per_prompt.append(mean_pairwise_distance(np.stack(found)))
+    return {
+        "value": float(np.mean(per_prompt)) if per_prompt else None,
+        "attributes": "(cx, cy, extent) in pixels of each prompted object, from the rule-based "
+        "evaluator; images missing an object are left out",
+        "prompts_used": len(per_prompt),
+    }

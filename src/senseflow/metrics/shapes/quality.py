@@ -16,8 +16,10 @@ import numpy as np
 
 from senseflow.families.toy.render import render_batch
 from senseflow.families.toy.world import parse_prompt, scenes_in_split
+from senseflow.metrics.coverage import DEFAULT_K, intra_prompt_diversity, precision_recall
 from senseflow.metrics.frechet import fid_from_features
-from senseflow.metrics.shapes.evaluator import evaluate
+from senseflow.metrics.shapes.background import background_stats
+from senseflow.metrics.shapes.evaluator import evaluate, layout_diversity
 from senseflow.metrics.shapes.features import extract_features
 
 Generator = Callable[[list[str], list[int]], np.ndarray]
@@ -54,6 +56,20 @@ class QualityReport:
     seconds: float
     accuracy: dict[str, dict]  # "all" and each split -> senseflow.metrics.shapes.evaluator.evaluate() output
     fid: dict[str, float] = field(default_factory=dict)  # reference name -> FID
+    coverage: dict | None = None  # precision and recall against the teacher's reference set
+    background: dict | None = None  # senseflow.metrics.shapes.background.BackgroundStats.record()
+    diversity: dict | None = None  # measure_diversity() output
+
+    def record(self) -> dict:
+        return {
+            "name": self.name,
+            "seconds": self.seconds,
+            "accuracy": self.accuracy,
+            "fid": self.fid,
+            "coverage": self.coverage,
+            "background": self.background,
+            "diversity": self.diversity,
+        }
 
     def row(self) -> dict:
         out = {"name": self.name, "seconds": round(self.seconds, 1)}
@@ -69,18 +85,15 @@ def measure(
     prompt_set: PromptSet,
     reference_features: dict[str, np.ndarray],
     batch_size: int = 64,
+    k: int = DEFAULT_K,
 ) -> tuple[QualityReport, np.ndarray]:
-    """Generate every prompt of the set, score it per split, and FID it against each reference.
+    """Generate every prompt of the set, score it per split, FID it against each reference, and
+    measure its background; with a ``teacher`` reference also precision and recall (k-NN, ``k``).
 
     ``reference_features`` maps a reference name to its features (``extract_features`` output).
     """
     start = time.perf_counter()
-    images = np.concatenate(
-        [
-            generate(prompt_set.prompts[i : i + batch_size], prompt_set.seeds[i : i + batch_size])
-            for i in range(0, len(prompt_set.prompts), batch_size)
-        ]
-    )
+    images = _generate_all(generate, prompt_set.prompts, prompt_set.seeds, batch_size)
     seconds = time.perf_counter() - start
     accuracy = {"all": evaluate(images, prompt_set.prompts)}
     splits = np.asarray(prompt_set.splits)
@@ -91,7 +104,46 @@ def measure(
         )
     features = extract_features(images)
     fid = {ref: float(fid_from_features(features, feats)) for ref, feats in reference_features.items()}
-    return QualityReport(name, seconds, accuracy, fid), images
+    coverage = None
+    if "teacher" in reference_features:
+        coverage = precision_recall(reference_features["teacher"], features, k=k).record()
+    background = background_stats(images).record()
+    return QualityReport(name, seconds, accuracy, fid, coverage, background), images
+
+
+def _generate_all(generate: Generator, prompts: list[str], seeds: list[int], batch_size: int) -> np.ndarray:
+    return np.concatenate(
+        [
+            generate(prompts[i : i + batch_size], seeds[i : i + batch_size])
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
+
+
+DIVERSITY_SEED_BASE = 3_000_000  # seeds of the diversity images: disjoint from the other sets'
+
+
+def measure_diversity(
+    generate: Generator, prompt_set: PromptSet, prompts: int, seeds_per_prompt: int, batch_size: int = 64
+) -> dict:
+    """Intra-prompt diversity: ``seeds_per_prompt`` images of each of ``prompts`` prompts spread over
+    the set; the mean over prompts of the mean pairwise distance of their toy features, and of their
+    layouts (object positions and sizes)."""
+    if prompts < 1 or seeds_per_prompt < 2:
+        raise ValueError(f"diversity needs >= 1 prompt, >= 2 seeds each; got {prompts}, {seeds_per_prompt}")
+    picks = np.linspace(0, len(prompt_set.prompts) - 1, prompts).astype(int)
+    chosen = [prompt_set.prompts[i] for i in picks for _ in range(seeds_per_prompt)]
+    seeds = [DIVERSITY_SEED_BASE + j for j in range(len(chosen))]
+    images = _generate_all(generate, chosen, seeds, batch_size)
+    value, _ = intra_prompt_diversity(extract_features(images).reshape(prompts, seeds_per_prompt, -1))
+    layout = layout_diversity(images, chosen, prompts, seeds_per_prompt)
+    return {
+        "features": value,
+        "layout": layout["value"],
+        "layout_prompts_used": layout["prompts_used"],
+        "prompts": prompts,
+        "seeds_per_prompt": seeds_per_prompt,
+    }
 
 
 class Comparison:
@@ -103,17 +155,22 @@ class Comparison:
     shares its seeds with the reference, so a deterministic sampler gains nothing from pairing.
     """
 
-    def __init__(self, splits: Sequence[str], per_split: int, seed: int = 0):
+    def __init__(
+        self, splits: Sequence[str], per_split: int, seed: int = 0, diversity: tuple[int, int] | None = None
+    ):
+        """``diversity``: (prompts, seeds per prompt) of the intra-prompt diversity of each row."""
         self.prompt_set = PromptSet.sample(splits, per_split, seed=seed)
-        self.per_split, self.seed = per_split, seed
+        self.per_split, self.seed, self.diversity = per_split, seed, diversity
         self.references = {
             "renders": extract_features(render_reference(self.prompt_set.prompts, seed=seed + 1))
         }
         self.reports: list[QualityReport] = []
         self.images: dict[str, np.ndarray] = {}
 
-    def add(self, name: str, generate: Generator) -> QualityReport:
+    def add(self, name: str, generate: Generator, diversity: bool = True) -> QualityReport:
         report, images = measure(name, generate, self.prompt_set, self.references)
+        if diversity and self.diversity is not None:
+            report.diversity = measure_diversity(generate, self.prompt_set, *self.diversity)
         self.reports.append(report)
         self.images[name] = images
         acc = report.accuracy["all"]["overall"]["all"]
@@ -124,14 +181,12 @@ class Comparison:
         """``teacher_generator(seed_offset)`` returns the teacher's reference sampler."""
         self.add("rendered images (other placements)", lambda p, s: render_reference(p, self.seed + 2 + s[0]))
         reference_set = f"{reference_name} ({REFERENCE_SET_LABEL})"
-        self.add(reference_set, teacher_generator(SECOND_SEED_SET))
+        self.add(reference_set, teacher_generator(SECOND_SEED_SET), diversity=False)
         self.references["teacher"] = extract_features(self.images[reference_set])
         self.add(reference_name, teacher_generator(0))
 
     def payload(self) -> list[dict]:
-        return [
-            {"name": r.name, "seconds": r.seconds, "accuracy": r.accuracy, "fid": r.fid} for r in self.reports
-        ]
+        return [r.record() for r in self.reports]
 
 
 SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's FID-T reference set
