@@ -5,8 +5,8 @@ For a distillation run's checkpoint (or the untrained student, ``--checkpoint no
 ``--batches`` generator turns drawn as the trainer draws them, it computes the DMD loss and the ISG
 segment targets once, then for the squared L2 and for the Charbonnier at each ``--eps``:
 
-* the ratio of the norms of the two terms' gradients on G's raw output (``grad_ratio``, as logged
-  during training as ``isg_grad_ratio``), at ISG weight 1;
+* the ratio of the norms of the two terms' gradients on G's raw output (as logged during training
+  as ``isg_grad_ratio``), at ISG weight 1;
 * the share of the ISG gradient's energy that lands on background pixels (the evaluator's labels of
   the segment target), next to the background's share of the pixels and DMD's own share;
 * the share of residuals |x_direct - x_target| larger than 10 eps (where the Charbonnier behaves as L1:
@@ -29,7 +29,6 @@ from senseflow.config import load_config
 from senseflow.method import dmd_loss, isg_loss, isg_targets
 from senseflow.metrics.shapes.evaluator import BACKGROUND_LABEL, label_pixels, to_uint8
 from senseflow.train import checkpoint as ckpt
-from senseflow.train.step import grad_ratio
 from senseflow.train.trainer import Distiller
 
 
@@ -46,6 +45,8 @@ def _share(g: torch.Tensor, mask: torch.Tensor) -> float:
 
 def measure(dist: Distiller, batches: int, eps_list: list[float]) -> dict[str, dict[str, list[float]]]:
     p, out = dist.param, {}
+    if p.kind == "ddpm" and dist.cfg.method.isg.sdxl_mode == "official":
+        raise SystemExit("isg_scale.py measures the segment form of ISG; sdxl_mode official is not covered")
     for n in range(batches):
         batch = dist.data.batch(n).to(dist.device)
         x_real, cond = dist.inputs(batch)
@@ -75,7 +76,7 @@ def measure(dist: Distiller, batches: int, eps_list: list[float]) -> dict[str, d
             term = isg_loss(t.x_direct, t.x_target, kind, eps)
             (g,) = torch.autograd.grad(term, out_in, retain_graph=True)
             row = out.setdefault(name, {})
-            row.setdefault("|grad ISG| / |grad DMD|", []).append(grad_ratio(term, dmd.loss, out_in))
+            row.setdefault("|grad ISG| / |grad DMD|", []).append(float(g.norm() / g_dmd.norm()))
             row.setdefault("background share of gradient", []).append(_share(g, mask))
             if eps is not None:
                 row.setdefault("residuals > 10 eps", []).append(float((residual > 10 * eps).float().mean()))
@@ -104,6 +105,8 @@ def main() -> None:
                 if args.checkpoint == "latest"
                 else args.checkpoint
             )
+            if path is None:
+                raise SystemExit(f"no complete checkpoint in {run / 'checkpoints'}")
             dist.resume(Path(path))
             where = Path(path).name
         else:

@@ -2,18 +2,21 @@
 
 Every variant is the toy recipe (``configs/toy/distill.yaml``) with a few dotted overrides, listed
 in :data:`VARIANTS`. For each (variant, seed) the student is trained with the ordinary
-:class:`~senseflow.train.trainer.Distiller` into ``<runs>/<variant>/seed<k>``, timed, then sampled
-with the 4-step renoise sampler on a fixed prompt set and measured with
-:func:`senseflow.metrics.shapes.quality.measure`:
-compositional accuracy per split, FID-T (to the teacher's own
-reference samples of the same prompts and seeds) and FID to renders. The teacher's reference samples
-and their features are computed once and cached in ``<runs>/reference/``.
+:class:`~senseflow.train.trainer.Distiller` into ``<runs>/<variant>/seed<k>``, timed, with a kept
+checkpoint every ``--curve-every`` iterations; each of those checkpoints is sampled with the 4-step
+renoise sampler on a fixed prompt set and measured (:mod:`.ablate_measure`): compositional accuracy
+per split, FID-T (to the teacher's own reference samples of the same prompts and seeds), FID to
+renders, precision and recall, intra-prompt diversity and the background's cast and texture. The
+last checkpoint gives the tables, all of them the quality curves. The teacher's reference samples
+and their features are computed once and cached in ``<runs>/reference/``. Variants are compared
+seed by seed (same seed: same data, noise and initial draws) in paired tests.
 
 Resumable per (variant, seed): a run whose final checkpoint exists is not trained again (an
-interrupted one continues from its newest checkpoint), and a measured run is not measured again.
-Training runs hold checkpoints, so they live under ``--runs`` (default ``runs/toy_ablation``,
-ignored by git); the report (markdown, JSON, curves and sample grid) goes to ``--out``. ``--set``
-picks the report (:data:`SETS`): its default variants, timing baseline, title and file names.
+interrupted one continues from its newest checkpoint), and a measured checkpoint is not measured
+again. Training runs hold checkpoints, so they live under ``--runs`` (default ``runs/toy_ablation``,
+ignored by git); the report (markdown, JSON, training and quality curves, sample grid) goes to
+``--out``. ``--set`` picks the report (:data:`SETS`): its default variants, timing baseline, title
+and file names.
 """
 
 from __future__ import annotations
@@ -155,8 +158,8 @@ def run_ablation(args: argparse.Namespace) -> Path:
         base.append(f"data.batch_size={args.batch_size}")
     base_cfg = load_config(recipe, base)
     inputs.at_least(args.curve_every, 1, "--curve-every")
-    points = math.ceil(base_cfg.schedule.iterations / args.curve_every)
-    base += [f"checkpoint.every={args.curve_every}", f"checkpoint.keep_last={points}"]
+    kept = math.ceil(base_cfg.schedule.iterations / args.curve_every)
+    base += [f"checkpoint.every={args.curve_every}", f"checkpoint.keep_last={kept}"]
     teacher_folder = base_cfg.model.teacher
 
     prompts = PromptSet.sample(SPLITS, args.per_split, seed=args.prompt_seed)
@@ -219,7 +222,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
     if not args.no_figures:
         labels = {v: VARIANTS[v].label for v in curves}
         curves_png = plot_curves(curves, labels, stem.with_name(f"{vset.stem}_curves.png"))
-        levels = {row["name"].split(" (")[0]: quality_point(row) for row in ref_rows[1:]}
+        levels = {row["name"].split(" (")[0]: quality_point(row) for row in ref_rows}
         quality_png = plot_quality(quality_curves, labels, stem.with_name(f"{vset.stem}_quality.png"), levels)
         if len(picks):
             grid_png = _grid(grid_rows, stem.with_name(f"{vset.stem}_samples.png"))
@@ -242,7 +245,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "curve_every": args.curve_every,
         "diversity": {"prompts": div.prompts, "seeds_per_prompt": div.seeds},
         "variant_overrides": {v: list(VARIANTS[v].overrides) for v in args.variants},
-        "run_overrides": list(RUN_OVERRIDES),
+        "run_overrides": base[: len(RUN_OVERRIDES)] + base[-2:],  # logging and the curve's checkpoints
         "summary": summarise(records, list(args.variants), vset.baseline),
         "paired": paired_tests(records, list(args.variants), vset.baseline),
         "reference": ref_rows,
@@ -271,6 +274,8 @@ def command_line(args: argparse.Namespace) -> str:
         ("--per-split", args.per_split),
         ("--prompt-seed", args.prompt_seed),
         ("--curve-every", args.curve_every),
+        ("--diversity-prompts", args.diversity_prompts),
+        ("--diversity-seeds", args.diversity_seeds),
         ("--runs", args.runs),
         ("--out", args.out),
     ):

@@ -17,7 +17,6 @@ import numpy as np
 from senseflow.experiments.toy.ablate_variants import SAMPLER
 from senseflow.jsonfile import write_json
 
-SECOND_SEED_SET = 1_000_000  # seed offset of the teacher's second sample set (the FID-T floor)
 #: Bumped when what a measurement holds changes, so cached measurements are redone.
 MEASURE_VERSION = 2
 
@@ -41,16 +40,17 @@ def _record(report, diversity: dict | None) -> dict:
 def reference(teacher_folder, prompts, key_base: dict, root: Path, picks, div: Diversity):
     """Teacher and render features of the prompt set, the teacher's rows (50 steps, 50 steps with
     other seeds, 4 steps), its grid images and the cache key; computed once and cached in ``root``."""
+    from senseflow.experiments.toy.report import teacher_generator, teacher_sha256
     from senseflow.families.toy.pipeline import ToyTeacher
-    from senseflow.metrics.shapes.evaluator import to_uint8
     from senseflow.metrics.shapes.features import extract_features
-    from senseflow.metrics.shapes.quality import measure, measure_diversity, render_reference
+    from senseflow.metrics.shapes.quality import SECOND_SEED_SET, measure, measure_diversity, render_reference
 
     teacher = ToyTeacher(teacher_folder)
     steps, guidance = teacher.recipe.sampling.steps, teacher.recipe.sampling.guidance
     key = {
         **key_base,
         "teacher": str(teacher.folder.resolve()),
+        "teacher_sha256": teacher_sha256(teacher.folder),
         "steps": steps,
         "guidance": guidance,
         "diversity": [div.prompts, div.seeds],
@@ -63,10 +63,7 @@ def reference(teacher_folder, prompts, key_base: dict, root: Path, picks, div: D
         return {k: feats[k] for k in feats.files}, meta["rows"], np.load(root / "teacher_samples.npy"), key
 
     def teacher_gen(n_steps: int, offset: int = 0):
-        def generate(p: list[str], s: list[int]) -> np.ndarray:
-            return to_uint8(teacher.sample(p, [x + offset for x in s], steps=n_steps, guidance=guidance))
-
-        return generate
+        return teacher_generator(teacher, n_steps, guidance, offset)
 
     n = len(prompts.prompts)
     print(f"reference: sampling the teacher ({steps} steps, CFG {guidance}) on {n} prompts", flush=True)
@@ -76,11 +73,11 @@ def reference(teacher_folder, prompts, key_base: dict, root: Path, picks, div: D
     refs["teacher"] = extract_features(ref_images)
     ref_report.fid["teacher"] = 0.0
     rows = [_record(ref_report, measure_diversity(teacher_gen(steps), prompts, div.prompts, div.seeds))]
-    for name, gen in (
-        (f"teacher, {steps} steps, other seeds (FID-T floor)", teacher_gen(steps, SECOND_SEED_SET)),
-        (f"teacher, 4 steps (Euler, CFG {guidance})", teacher_gen(4)),
+    for name, gen, with_diversity in (  # the floor set is the 50-step teacher again: no diversity of its own
+        (f"teacher, {steps} steps, other seeds (FID-T floor)", teacher_gen(steps, SECOND_SEED_SET), False),
+        (f"teacher, 4 steps (Euler, CFG {guidance})", teacher_gen(4), True),
     ):
-        diversity = measure_diversity(gen, prompts, div.prompts, div.seeds) if "4 steps" in name else None
+        diversity = measure_diversity(gen, prompts, div.prompts, div.seeds) if with_diversity else None
         rows.append(_record(measure(name, gen, prompts, refs)[0], diversity))
     root.mkdir(parents=True, exist_ok=True)
     np.savez(root / "features.npz", **refs)
@@ -94,11 +91,15 @@ def _measure_checkpoint(path: Path, run_dir: Path, prompts, refs: dict, key: dic
     (its grid images beside it)."""
     from senseflow.metrics.shapes.evaluator import to_uint8
     from senseflow.metrics.shapes.quality import measure, measure_diversity
+    from senseflow.metrics.weights import sha256_file
     from senseflow.student import Student
+    from senseflow.train import checkpoint as ckpt
 
     cache = run_dir / "ablate_quality" / f"{path.name}.json"
     samples = cache.with_suffix(".npy")
-    key = {**key, "checkpoint": path.name, "sampler": SAMPLER}
+    # the manifest lists every file's size and SHA-256: its own hash names the checkpoint's content
+    manifest = sha256_file(path / ckpt.MANIFEST)
+    key = {**key, "checkpoint": path.name, "checkpoint_manifest_sha256": manifest, "sampler": SAMPLER}
     cached = read_json(cache)
     if cached is not None and cached["key"] == key and samples.is_file():
         return {**cached, "cached": True}
@@ -125,6 +126,10 @@ def measure_run(run_dir: Path, cfg, prompts, refs: dict, ref_key: dict, picks, d
     from senseflow.train import checkpoint as ckpt
 
     points = ckpt.list_checkpoints(run_dir / "checkpoints")
+    expected = list(range(cfg.checkpoint.every, cfg.schedule.iterations, cfg.checkpoint.every))
+    missing = sorted(set([*expected, cfg.schedule.iterations]) - {n for n, _ in points})
+    if missing:  # e.g. pruned after a preempted run wrote an extra checkpoint
+        raise ValueError(f"{run_dir}: no checkpoint of iteration(s) {missing} to measure; retrain this run")
     curve = [_measure_checkpoint(path, run_dir, prompts, refs, ref_key, div, picks) for _, path in points]
     if all([q.pop("cached", False) for q in curve]):
         print(f"skip measuring {run_dir}: measured before", flush=True)
@@ -141,6 +146,19 @@ def measure_run(run_dir: Path, cfg, prompts, refs: dict, ref_key: dict, picks, d
     return {"final": final, "curve": curve}
 
 
+#: The values of :func:`quality_point`, in its order.
+QUALITY_KEYS = (
+    "fid_teacher",
+    "accuracy_all",
+    "precision",
+    "recall",
+    "diversity",
+    "layout_diversity",
+    "green_cast",
+    "texture",
+)
+
+
 def quality_point(row: dict) -> dict:
     """A measured row's values under the quality curves' keys (None where not measured)."""
     diversity = row.get("diversity") or {}
@@ -151,6 +169,6 @@ def quality_point(row: dict) -> dict:
         "recall": (row.get("coverage") or {}).get("recall"),
         "diversity": diversity.get("features"),
         "layout_diversity": diversity.get("layout"),
-        "green_cast": row["background"]["green_cast"],
-        "texture": row["background"]["texture"],
+        "green_cast": (row.get("background") or {}).get("green_cast"),
+        "texture": (row.get("background") or {}).get("texture"),
     }

@@ -19,7 +19,7 @@ CURVES = (
 QUALITY = (
     ("fid_teacher", "FID-T (lower is better)", 1.0),
     ("accuracy_all", "compositional accuracy (%)", 100.0),
-    ("recall", "recall vs teacher (k = 3)", 1.0),
+    ("recall", "recall vs teacher (k = {k})", 1.0),
     ("diversity", "intra-prompt diversity (toy features)", 1.0),
     ("texture", "background texture (0-255)", 1.0),
 )
@@ -65,12 +65,21 @@ def mean_sd_over_seeds(runs: list[tuple[np.ndarray, np.ndarray]]) -> Series:
     return xs, ys.mean(axis=0), ys.std(axis=0, ddof=1) if len(runs) > 1 else None
 
 
+def _finite(s: Series) -> Series:
+    """The points of a series whose mean is a number (None became NaN: nothing measured there)."""
+    x, m, sd = s
+    keep = np.isfinite(m)
+    return x[keep], m[keep], None if sd is None else np.nan_to_num(sd[keep])
+
+
 def _panel(draw, box, title: str, series: dict[str, Series], colour_of, hlines: dict[str, float]) -> None:
     """One framed panel: a line per series (error bars where an sd is given), dashed references."""
     x0, y0, pw, ph = box
     draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline=(0, 0, 0))
     draw.text((x0, y0 - 30), title, fill=(0, 0, 0))
+    series = {k: _finite(s) for k, s in series.items()}
     series = {k: s for k, s in series.items() if len(s[0]) > 0}
+    hlines = {k: v for k, v in hlines.items() if v is not None and np.isfinite(v)}
     if not series:
         draw.text((x0 + 10, y0 + ph // 2), "not logged", fill=(0, 0, 0))
         return
@@ -154,8 +163,11 @@ def plot_quality(
 ) -> Path:
     """Quality curves: one panel per measured value, one line per variant (mean ± sd over seeds at
     each measured checkpoint); ``references``: name -> {key: value} drawn as dashed lines."""
+    from senseflow.metrics.coverage import DEFAULT_K
+
     panels = []
     for key, title, scale in QUALITY:
+        title = title.format(k=DEFAULT_K)
         series = {
             v: (x, scale * m, None if sd is None else scale * sd)
             for v, c in curves.items()

@@ -6,6 +6,7 @@ import textwrap
 
 import numpy as np
 
+from senseflow.experiments.toy.ablate_measure import QUALITY_KEYS, quality_point
 from senseflow.experiments.toy.ablate_variants import BASELINE, DEFAULT_SET, SAMPLER, SETS, VARIANTS
 
 
@@ -25,16 +26,9 @@ def _fmt(mean: float | None, std: float | None, scale: float = 1.0, digits: int 
 
 #: Summary statistics: name -> value of a run record (None where not measured).
 _STATS = {
-    "fid_teacher": lambda r: r["fid"]["teacher"],
+    **{k: (lambda r, k=k: quality_point(r)[k]) for k in QUALITY_KEYS},
     "fid_renders": lambda r: r["fid"]["renders"],
-    "accuracy_all": lambda r: r["accuracy"]["all"]["overall"]["all"],
     "accuracy_heldout": lambda r: r["accuracy"]["heldout"]["overall"]["all"],
-    "precision": lambda r: (r.get("coverage") or {}).get("precision"),
-    "recall": lambda r: (r.get("coverage") or {}).get("recall"),
-    "diversity": lambda r: (r.get("diversity") or {}).get("features"),
-    "layout_diversity": lambda r: (r.get("diversity") or {}).get("layout"),
-    "green_cast": lambda r: (r.get("background") or {}).get("green_cast"),
-    "texture": lambda r: (r.get("background") or {}).get("texture"),
     "seconds_per_iteration": lambda r: r["timing"]["seconds_per_iteration"],
 }
 #: Values the paired tests compare: name -> (label, scale, digits).
@@ -62,9 +56,10 @@ def summarise(records: list[dict], variants: list[str], baseline: str = BASELINE
 
 
 def paired_tests(records: list[dict], variants: list[str], baseline: str = BASELINE) -> list[dict]:
-    """Each variant against the one it differs from by one change (``Variant.against``) and against
-    the baseline: per value, the seed-by-seed differences (same seed: same data, noise and init),
-    their mean and sd, a two-sided paired t-test and how many seeds moved each way."""
+    """Each variant against ``Variant.against`` and against the baseline: per value, the seed-by-seed
+    differences (same seed: same data, noise and init), their mean and sd, a two-sided paired t-test
+    (``p`` None when every difference is the same: the t statistic is undefined) and how many seeds
+    moved each way."""
     from scipy.stats import ttest_rel
 
     by = {(r["variant"], r["seed"]): r for r in records}
@@ -83,10 +78,8 @@ def paired_tests(records: list[dict], variants: list[str], baseline: str = BASEL
                 if None in a or None in b:
                     continue
                 d = np.subtract(a, b)
-                if np.allclose(d, d[0], rtol=1e-9, atol=1e-12):  # no spread: the t statistic is undefined
-                    p = 1.0 if np.isclose(d[0], 0.0, atol=1e-12) else 0.0
-                else:
-                    p = float(ttest_rel(a, b).pvalue)
+                same = np.allclose(d, d[0], rtol=1e-9, atol=1e-12)
+                p = None if same else float(ttest_rel(a, b).pvalue)
                 tests[name] = {
                     "diff_mean": float(d.mean()),
                     "diff_std": float(d.std(ddof=1)),
@@ -110,7 +103,7 @@ def _paired_lines(pairs: list[dict]) -> list[str]:
                 continue
             cells.append(
                 f"{scale * t['diff_mean']:+.{digits}f} ± {scale * t['diff_std']:.{digits}f} "
-                f"(p {t['p']:.2g}, {t['higher']}↑ {t['lower']}↓)"
+                f"(p {'n/a' if t['p'] is None else format(t['p'], '.2g')}, {t['higher']}↑ {t['lower']}↓)"
             )
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -173,6 +166,8 @@ def _per_seed(payload: dict) -> list[str]:
 
 
 def markdown(payload: dict, figures: dict[str, str]) -> str:
+    from senseflow.metrics.coverage import DEFAULT_K
+
     s, ref = payload["summary"], payload["reference"]
     baseline = payload.get("baseline", BASELINE)
     head = (
@@ -214,14 +209,15 @@ def markdown(payload: dict, figures: dict[str, str]) -> str:
         "(toy features, `senseflow.metrics.shapes.features`) "
         "to the teacher's own reference samples of the same prompts and seeds; its floor at this N is "
         "the teacher with other seeds, below. Accuracy is the rule-based evaluator's compositional "
-        "accuracy (`senseflow.metrics.shapes.evaluator`). Precision and recall (k = 3) are taken "
+        f"accuracy (`senseflow.metrics.shapes.evaluator`). Precision and recall (k = {DEFAULT_K}) are taken "
         "against the teacher's reference samples on the same features; diversity is the mean pairwise "
         f"feature distance among {div.get('seeds_per_prompt', '?')} seeds of each of "
         f"{div.get('prompts', '?')} prompts, and its layout form the same over the evaluator's object "
         "positions and sizes; green cast and texture describe the background "
         "(`senseflow.metrics.shapes.background`). Seconds per iteration are the wall time of "
-        "`Distiller.run` divided by the iterations it trained (this machine, two runs at a time: "
-        "other load shows up here); the last column divides them by "
+        "`Distiller.run` divided by the iterations it trained, a checkpoint write every "
+        f"{payload.get('curve_every', '?')} iterations included (this machine, two or three runs at a "
+        "time: other load shows up here); the last column divides them by "
         f"{VARIANTS[baseline].label}'s.",
         width=100,
     )

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Variant:
-    """A recipe variant; ``against``: the variant it differs from by one change (the paired tests)."""
+    """A recipe variant; ``against``: the variant the paired tests compare it with (the one it differs
+    from by one change, or vanilla DMD2 for the full recipe)."""
 
     label: str
     overrides: tuple[str, ...]

@@ -36,8 +36,12 @@ def run_curve(
     cfg = Student.from_run(run, points[-1][1]).cfg
     teacher = ToyTeacher(cfg.model.teacher)
     guidance = teacher.recipe.sampling.guidance
-    comp, cache_note = teacher_rows(teacher, per_split, seed, diversity, [out.parent / RUN_SAMPLES])
-    comp.add(f"teacher {FEW_STEPS} steps, CFG {guidance}", teacher_generator(teacher, FEW_STEPS, guidance))
+    # teacher images sampled anew (another prompt set than the stored one) are kept with the run
+    comp, cache_note = teacher_rows(teacher, per_split, seed, diversity, [run / RUN_SAMPLES])
+    few_step = comp.add(
+        f"teacher {FEW_STEPS} steps, CFG {guidance}", teacher_generator(teacher, FEW_STEPS, guidance)
+    )
+    reference = comp.reports[2]  # renders, the FID-T reference set, then the teacher on the common seeds
     students = []
     for n, path in points:
         report = comp.add(
@@ -45,13 +49,19 @@ def run_curve(
         )
         students.append((n, quality_point(report.record())))
     n_images = len(comp.prompt_set.prompts)
-    rows = {r.name: r for r in comp.reports}
-    levels = {name.split(",")[0]: quality_point(rows[name].record()) for name in list(rows)[2:4]}
+    levels = {
+        f"teacher {teacher.recipe.sampling.steps} steps": quality_point(reference.record()),
+        f"teacher {FEW_STEPS} steps": quality_point(few_step.record()),
+    }
     x = np.array([n for n, _ in students])
     curve = {
         "student": {k: (x, np.array([p[k] for _, p in students], dtype=float), None) for k in students[0][1]}
     }
     png = plot_quality(curve, {"student": f"student ({sampler})"}, out.with_name(out.stem + ".png"), levels)
+    command = (
+        f"senseflow toy curve --run {run} --out {out} --per-split {per_split} --seed {seed} "
+        f"--diversity-prompts {diversity[0]} --diversity-seeds {diversity[1]} --sampler {sampler}"
+    )
     out.with_suffix(".json").write_text(
         json.dumps({"run": str(run), "sampler": sampler, "reports": comp.payload()}, indent=2)
     )
@@ -68,7 +78,7 @@ Every kept checkpoint of the run, sampled with the 4-step `{sampler}` sampler on
 
 ![curve]({png.name})
 
-Reproduce: `senseflow toy curve --run {run} --out {out}`
+Reproduce: `{command}`
 """
     )
     print(out.read_text())

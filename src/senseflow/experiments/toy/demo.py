@@ -27,6 +27,7 @@ from senseflow.experiments.toy.report import (
 )
 from senseflow.experiments.toy.sample_cache import SampleCache
 from senseflow.families.toy.pipeline import ToyTeacher
+from senseflow.metrics.coverage import DEFAULT_K
 from senseflow.metrics.paired import PairedTest, mcnemar_exact
 from senseflow.metrics.shapes.evaluator import score_image, to_uint8
 from senseflow.metrics.shapes.quality import REFERENCE_SET_LABEL, Comparison, Generator, PromptSet
@@ -165,7 +166,7 @@ seed set ("{REFERENCE_SET_LABEL}"); the teacher's own {ref_steps}-step row gives
 
 {coverage_table(comp.reports)}
 
-{cache_note} Precision and recall (k = 3) are against the FID-T reference set; diversity is the mean
+{cache_note} Precision and recall (k = {DEFAULT_K}) are against the FID-T reference set; diversity is the mean
 pairwise distance among {diversity[1]} seeds of each of {diversity[0]} prompts (toy features; layout:
 the evaluator's object positions and sizes); green cast and texture describe the background
 (`senseflow.metrics.shapes.background`).

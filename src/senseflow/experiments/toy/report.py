@@ -69,11 +69,13 @@ def coverage_table(reports: list[QualityReport]) -> str:
         "| setting | precision | recall | diversity (features) | diversity (layout, px) | green cast (0-255) "
         "| background texture (0-255) |\n|" + "---|" * 7
     )
+    from senseflow.experiments.toy.ablate_measure import quality_point
+
     lines = [head]
+    columns = ("precision", "recall", "diversity", "layout_diversity", "green_cast", "texture")
     for r in reports:
-        cov, div, bg = r.coverage or {}, r.diversity or {}, r.background or {}
-        values = [cov.get("precision"), cov.get("recall"), div.get("features"), div.get("layout")]
-        values += [bg.get("green_cast"), bg.get("texture")]
+        point = quality_point({**r.record(), "fid": {"teacher": None}})
+        values = [point[k] for k in columns]
         digits = (3, 3, 2, 2, 2, 2)
         cells = ["–" if v is None else f"{v:.{d}f}" for v, d in zip(values, digits, strict=True)]
         lines.append("| " + " | ".join([r.name, *cells]) + " |")
