@@ -2,9 +2,12 @@
 
 It distils the shipped toy teacher into a 4-step student with the toy recipe (resuming a finished
 or interrupted run in the same folder), then measures on one prompt set, with the same seeds: the
-teacher at its reference step count (the FID-T reference, plus a second seed set as FID-T's
-floor), the teacher at 4 Euler steps (the baseline to beat) and the student with both samplers.
-It writes ``report.md``, ``grid.png`` and ``results.json`` into the output folder.
+teacher at its reference step count (the FID-T reference, plus a second seed set as FID-T's floor;
+their images read from the samples stored beside the shipped teacher after re-sampling a few of
+them, see :mod:`.sample_cache`), the teacher at 4 Euler steps (the baseline to beat) and the
+student with both samplers, and a paired accuracy test on further prompts. It writes ``report.md``,
+``grid.png``, ``results.json`` and any newly sampled teacher images (``teacher_samples.npz``) into
+the output folder.
 """
 
 from __future__ import annotations
