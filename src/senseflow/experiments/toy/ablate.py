@@ -32,13 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from senseflow import inputs
-from senseflow.experiments.toy.ablate_measure import (
-    Diversity,
-    measure_run,
-    quality_point,
-    read_json,
-    reference,
-)
+from senseflow.experiments.toy.ablate_measure import Diversity, measure_run, read_json, reference
 from senseflow.experiments.toy.ablate_plots import (
     CURVES,
     QUALITY,
@@ -50,6 +44,7 @@ from senseflow.experiments.toy.ablate_plots import (
 )
 from senseflow.experiments.toy.ablate_report import markdown, paired_tests, summarise
 from senseflow.experiments.toy.ablate_variants import DEFAULT_SET, SAMPLER, SETS, VARIANTS
+from senseflow.experiments.toy.points import quality_point
 from senseflow.jsonfile import write_json
 
 SPLITS = ("train", "test", "heldout")

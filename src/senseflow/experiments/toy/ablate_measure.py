@@ -144,31 +144,3 @@ def measure_run(run_dir: Path, cfg, prompts, refs: dict, ref_key: dict, picks, d
         flush=True,
     )
     return {"final": final, "curve": curve}
-
-
-#: The values of :func:`quality_point`, in its order.
-QUALITY_KEYS = (
-    "fid_teacher",
-    "accuracy_all",
-    "precision",
-    "recall",
-    "diversity",
-    "layout_diversity",
-    "green_cast",
-    "texture",
-)
-
-
-def quality_point(row: dict) -> dict:
-    """A measured row's values under the quality curves' keys (None where not measured)."""
-    diversity = row.get("diversity") or {}
-    return {
-        "fid_teacher": row["fid"]["teacher"],
-        "accuracy_all": row["accuracy"]["all"]["overall"]["all"],
-        "precision": (row.get("coverage") or {}).get("precision"),
-        "recall": (row.get("coverage") or {}).get("recall"),
-        "diversity": diversity.get("features"),
-        "layout_diversity": diversity.get("layout"),
-        "green_cast": (row.get("background") or {}).get("green_cast"),
-        "texture": (row.get("background") or {}).get("texture"),
-    }

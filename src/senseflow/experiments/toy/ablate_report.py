@@ -6,8 +6,8 @@ import textwrap
 
 import numpy as np
 
-from senseflow.experiments.toy.ablate_measure import QUALITY_KEYS, quality_point
 from senseflow.experiments.toy.ablate_variants import BASELINE, DEFAULT_SET, SAMPLER, SETS, VARIANTS
+from senseflow.experiments.toy.points import QUALITY_KEYS, quality_point
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:

@@ -22,9 +22,9 @@ def run_curve(
 ) -> Path:
     import numpy as np
 
-    from senseflow.experiments.toy.ablate_measure import quality_point
     from senseflow.experiments.toy.ablate_plots import plot_quality
     from senseflow.experiments.toy.demo import FEW_STEPS, RUN_SAMPLES, student_generator, teacher_rows
+    from senseflow.experiments.toy.points import quality_point
     from senseflow.experiments.toy.report import coverage_table, markdown_table, teacher_generator
     from senseflow.families.toy.pipeline import ToyTeacher
     from senseflow.student import Student

@@ -69,7 +69,7 @@ def coverage_table(reports: list[QualityReport]) -> str:
         "| setting | precision | recall | diversity (features) | diversity (layout, px) | green cast (0-255) "
         "| background texture (0-255) |\n|" + "---|" * 7
     )
-    from senseflow.experiments.toy.ablate_measure import quality_point
+    from senseflow.experiments.toy.points import quality_point
 
     lines = [head]
     columns = ("precision", "recall", "diversity", "layout_diversity", "green_cast", "texture")
