@@ -215,7 +215,8 @@ def generator_objective(
     omega = it.omega if time_weighted else torch.ones_like(it.omega)
     adv = (omega * -disc_logits(it.disc, x0, it.emb).mean(1)).mean()
     # ISG: the teacher steps a_j -> t_mid (Euler, ISG guidance), the generator t_mid -> a_{j+1}; the
-    # generator's one Euler jump a_j -> a_{j+1} regresses onto that (Charbonnier).
+    # generator's one Euler jump a_j -> a_{j+1} regresses onto that (the recipe's loss: squared L2 or
+    # the official code's Charbonnier).
     sigma_mid = (d.isg_mid_grid + 1).float() / 1000  # table position i is σ = (i + 1) / 1000 at shift 1
 
     def teacher_fn(x, s):
@@ -230,8 +231,11 @@ def generator_objective(
         x_mid = x_in + col(sigma_mid - sigma_j) * teacher_fn(x_in, sigma_j)
         x_target = x_mid + col(sigma_next - sigma_mid) * student_fn(x_mid, sigma_mid)
     diff = x_in + col(sigma_next - sigma_j) * out - x_target
-    eps = m.isg.charbonnier_eps
-    isg = (torch.sqrt(diff * diff + eps * eps) - eps).mean()
+    if m.isg.loss == "charbonnier":
+        eps = m.isg.charbonnier_eps
+        isg = (torch.sqrt(diff * diff + eps * eps) - eps).mean()
+    else:
+        isg = (diff * diff).mean()
     total = dmd + m.gan.weight * adv + m.isg.weight * isg
     return total, {"adv": adv, "isg": isg}
 
@@ -277,10 +281,11 @@ def check_draws_cover(it: Iteration) -> None:
     assert len(set(it.omega.tolist())) >= 3  # the GAN time weights differ across the batch
 
 
-def test_generator_gradient_is_the_hand_derived_objective(make_run):
+@pytest.mark.parametrize("isg_loss", ["l2", "charbonnier"])
+def test_generator_gradient_is_the_hand_derived_objective(make_run, isg_loss):
     """G's update applies exactly the gradient of DMD + w_gan·L_adv + w_isg·ISG (clipping off), with
     DMD's sign, ISG's teacher/student roles and the GAN's time weight as the method has them."""
-    run = make_run(*TWO_TURNS)
+    run = make_run(*TWO_TURNS, f"method.isg.loss={isg_loss}")
     updates = Updates(run)
     run.train_step()
     it = iteration_inputs(run)
