@@ -7,7 +7,7 @@ import textwrap
 import numpy as np
 
 from senseflow.experiments.toy.ablate_variants import BASELINE, DEFAULT_SET, SAMPLER, SETS, VARIANTS
-from senseflow.experiments.toy.points import QUALITY_KEYS, quality_point
+from senseflow.experiments.toy.points import COVERAGE_COLUMNS, COVERAGE_HEAD, QUALITY_KEYS, quality_point
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -126,18 +126,8 @@ _QUALITY_COLUMNS = (
     ("accuracy_heldout", 100, 1),
     ("seconds_per_iteration", 1, 3),
 )
-_COVERAGE_COLUMNS = (
-    ("precision", 1, 3),
-    ("recall", 1, 3),
-    ("diversity", 1, 2),
-    ("layout_diversity", 1, 2),
-    ("green_cast", 1, 2),
-    ("texture", 1, 2),
-)
-_COVERAGE_HEAD = (
-    "| precision ↑ | recall ↑ | diversity (features) | diversity (layout, px) | green cast (0-255) "
-    "| background texture (0-255) |"
-)
+_COVERAGE_COLUMNS = tuple((key, 1, digits) for key, digits in COVERAGE_COLUMNS)
+_COVERAGE_HEAD = COVERAGE_HEAD
 
 
 def _row_values(row: dict) -> dict:

@@ -30,3 +30,18 @@ def quality_point(row: dict) -> dict:
         "green_cast": (row.get("background") or {}).get("green_cast"),
         "texture": (row.get("background") or {}).get("texture"),
     }
+
+
+#: The coverage, diversity and background columns of the toy reports' tables: (key, digits).
+COVERAGE_COLUMNS = (
+    ("precision", 3),
+    ("recall", 3),
+    ("diversity", 2),
+    ("layout_diversity", 2),
+    ("green_cast", 2),
+    ("texture", 2),
+)
+COVERAGE_HEAD = (
+    "| precision ↑ | recall ↑ | diversity (features) | diversity (layout, px) | green cast (0-255) "
+    "| background texture (0-255) |"
+)

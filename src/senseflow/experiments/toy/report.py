@@ -65,19 +65,12 @@ def markdown_table(reports: list[QualityReport], n_images: int) -> str:
 def coverage_table(reports: list[QualityReport]) -> str:
     """Precision and recall against the teacher's reference set, intra-prompt diversity (toy features
     and layout) and the background's green cast and texture, one row per report."""
-    head = (
-        "| setting | precision | recall | diversity (features) | diversity (layout, px) | green cast (0-255) "
-        "| background texture (0-255) |\n|" + "---|" * 7
-    )
-    from senseflow.experiments.toy.points import quality_point
+    from senseflow.experiments.toy.points import COVERAGE_COLUMNS, COVERAGE_HEAD, quality_point
 
-    lines = [head]
-    columns = ("precision", "recall", "diversity", "layout_diversity", "green_cast", "texture")
+    lines = ["| setting " + COVERAGE_HEAD + "\n|" + "---|" * (1 + len(COVERAGE_COLUMNS))]
     for r in reports:
         point = quality_point({**r.record(), "fid": {"teacher": None}})
-        values = [point[k] for k in columns]
-        digits = (3, 3, 2, 2, 2, 2)
-        cells = ["–" if v is None else f"{v:.{d}f}" for v, d in zip(values, digits, strict=True)]
+        cells = ["–" if point[k] is None else f"{point[k]:.{d}f}" for k, d in COVERAGE_COLUMNS]
         lines.append("| " + " | ".join([r.name, *cells]) + " |")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ the same prompts is reported as the floor (the FID's own sampling noise at this 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,15 +62,7 @@ class QualityReport:
     diversity: dict | None = None  # measure_diversity() output
 
     def record(self) -> dict:
-        return {
-            "name": self.name,
-            "seconds": self.seconds,
-            "accuracy": self.accuracy,
-            "fid": self.fid,
-            "coverage": self.coverage,
-            "background": self.background,
-            "diversity": self.diversity,
-        }
+        return dataclasses.asdict(self)
 
     def row(self) -> dict:
         out = {"name": self.name, "seconds": round(self.seconds, 1)}
