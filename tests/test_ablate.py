@@ -115,3 +115,51 @@ def test_variant_sets_name_known_variants():
     dump["method"]["gan"]["official_grad_leak"] = False
     assert dump == off.model_dump()
     assert on.method.gan.type == "toy" and on.method.gan.weight > 0
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_each_variant_differs_from_its_comparison_only_where_its_overrides_say():
+    """A paired test reads as "this change": the recipe fields that differ between a variant and its
+    ``against`` are exactly the fields their override lists disagree on."""
+    for name, variant in VARIANTS.items():
+        if variant.against is None:
+            continue
+        other = VARIANTS[variant.against]
+        a, b = (_flat(load_config("toy/distill", list(v.overrides)).model_dump()) for v in (variant, other))
+        differ = {k for k in a if a[k] != b[k]}
+        named = {o.split("=")[0] for o in set(variant.overrides) ^ set(other.overrides)}
+        assert differ, f"{name} trains the same recipe as {variant.against}"
+        assert differ <= named, f"{name} vs {variant.against}: {differ - named} changed unasked"
+        assert {n for n in named if a.get(n) != b.get(n)} == differ
+
+
+def test_stressed_set_stresses_the_fake_score():
+    stressed = SETS["stressed"]
+    assert stressed.baseline == stressed.variants[0] == "vanilla" and stressed.stem == "toy_ablation_stressed"
+    cfgs = {v: load_config("toy/distill", list(VARIANTS[v].overrides)) for v in stressed.variants}
+    assert cfgs["stressed"].method.ttur_ratio == 1 < cfgs["vanilla"].method.ttur_ratio
+    assert cfgs["high_lr"].optim.fake.lr == cfgs["high_lr"].optim.generator.lr > cfgs["vanilla"].optim.fake.lr
+    assert cfgs["stressed_ida"].method.ida.enabled and not cfgs["stressed"].method.ida.enabled
+    assert cfgs["no_bs"].method.backward_sim_prob == 0 < cfgs["vanilla"].method.backward_sim_prob
+
+
+def test_machine_note_names_the_training_device():
+    from senseflow.experiments.toy.ablate import machine_note
+
+    note = machine_note("cpu")
+    assert note.startswith("trained on the CPU; CPU ") and note.endswith(" cores")
+
+
+def test_plot_palette_draws_each_variant_of_a_set_in_its_own_colour():
+    from senseflow.experiments.toy.ablate_plots import PALETTE
+
+    assert len(set(PALETTE)) == len(PALETTE) >= max(len(s.variants) for s in SETS.values())

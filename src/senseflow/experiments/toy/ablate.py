@@ -247,6 +247,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "runs": records,
         "json": stem.with_suffix(".json").name,
         "software": {"python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine_note(base_cfg.parallel.device),
     }
     write_json(stem.with_suffix(".json"), payload)
     md = stem.with_suffix(".md")
@@ -254,6 +255,27 @@ def run_ablation(args: argparse.Namespace) -> Path:
     md.write_text(markdown(payload, {k: p.name for k, p in figures.items() if p is not None}))
     print(f"ablation written to {md}", flush=True)
     return md
+
+
+def machine_note(device_spec: str) -> str:
+    """Where the runs trained: the training device (the GPU's name on CUDA) and the CPU, for the
+    report's timings."""
+    import os
+
+    import torch
+
+    from senseflow.devices import resolve_device
+
+    cpu = platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        cpu = models[0] if models else cpu
+    except OSError:  # no /proc (not Linux)
+        pass
+    device = resolve_device(device_spec)
+    trained = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+    return f"trained on {trained}; CPU {cpu}, {os.cpu_count()} cores"
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -34,7 +34,15 @@ PALETTE = (
     (127, 127, 127),
     (188, 189, 34),
     (23, 190, 207),
-)
+    (0, 0, 0),
+    (0, 0, 128),
+    (128, 128, 0),
+    (0, 128, 128),
+    (230, 180, 0),
+    (128, 0, 64),
+    (100, 200, 120),
+    (250, 150, 150),
+)  # distinct colours: a report of up to 18 variants draws every line in its own
 Series = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # x, mean, sd (or None)
 
 

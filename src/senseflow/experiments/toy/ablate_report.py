@@ -206,8 +206,8 @@ def markdown(payload: dict, figures: dict[str, str]) -> str:
         "positions and sizes; green cast and texture describe the background "
         "(`senseflow.metrics.shapes.background`). Seconds per iteration are the wall time of "
         "`Distiller.run` divided by the iterations it trained, a checkpoint write every "
-        f"{payload.get('curve_every', '?')} iterations included (this machine, two or three runs at a "
-        "time: other load shows up here); the last column divides them by "
+        f"{payload.get('curve_every', '?')} iterations included ({payload.get('machine', 'this machine')}; "
+        "other runs sharing the machine show up here); the last column divides them by "
         f"{VARIANTS[baseline].label}'s.",
         width=100,
     )

@@ -38,6 +38,19 @@ VARIANTS: dict[str, Variant] = {
         (_NO_IDA, _NO_GAN, _CHARBONNIER, "method.isg.weight=0.2"),
         "isg_charbonnier",
     ),
+    # the DMD term's guidance fixed at the low end of the recipe's 2-4 range: does the scale drive the
+    # Charbonnier arm's colour cast and texture?
+    "isg_charbonnier_cfg2": Variant(
+        "+ISG (Charbonnier, w 1), DMD CFG 2",
+        (
+            _NO_IDA,
+            _NO_GAN,
+            _CHARBONNIER,
+            "method.dmd.teacher_guidance.min=2.0",
+            "method.dmd.teacher_guidance.max=2.0",
+        ),
+        "isg_charbonnier",
+    ),
     "ida_isg": Variant("+IDA+ISG", (_NO_GAN,), "isg"),
     "full": Variant("full (IDA+ISG+GAN)", (), "vanilla"),
     "full_charbonnier": Variant("full, Charbonnier ISG", (_CHARBONNIER,), "full"),
@@ -89,6 +102,29 @@ SETS: dict[str, VariantSet] = {
         ("full", "full_leak"),
         "full",
         "toy_grad_leak",
+    ),
+    # The arms that toy_ablation.md leaves out, all trained on one machine with their own vanilla
+    # baseline (listed first: the order a time-boxed run completes them in).
+    "stressed": VariantSet(
+        "the fake score under stress (TTUR 1, a 5x learning rate), backward simulation and ISG weights",
+        (
+            "vanilla",
+            "stressed",
+            "stressed_ida",
+            "high_lr",
+            "high_lr_ida",
+            "stressed_full",
+            "no_bs",
+            "isg",
+            "isg_l2_w3",
+            "isg_charbonnier",
+            "isg_charbonnier_w02",
+            "full",
+            "full_charbonnier",
+            "full_no_gan_charbonnier",
+        ),
+        BASELINE,
+        "toy_ablation_stressed",
     ),
 }
 DEFAULT_SET = "ablation"
