@@ -42,7 +42,13 @@ PALETTE = (
     (128, 0, 64),
     (100, 200, 120),
     (250, 150, 150),
-)  # distinct colours: a report of up to 18 variants draws every line in its own
+    (90, 60, 0),
+    (150, 150, 255),
+    (255, 0, 255),
+    (0, 200, 0),
+    (180, 180, 180),
+    (100, 0, 160),
+)  # distinct colours: a report of up to 24 variants draws every line in its own
 Series = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # x, mean, sd (or None)
 
 

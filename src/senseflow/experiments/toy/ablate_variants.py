@@ -62,6 +62,26 @@ VARIANTS: dict[str, Variant] = {
     "stressed_full": Variant("full, TTUR 1 (stressed)", (_TTUR1,), "stressed"),
     "high_lr": Variant("vanilla DMD2, LR 5e-4 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, *_HIGH_LR), "vanilla"),
     "high_lr_ida": Variant("+IDA, LR 5e-4 (stressed)", (_NO_ISG, _NO_GAN, *_HIGH_LR), "high_lr"),
+    # the rest of the stress grid: backward simulation, ISG alone and the full recipe under stress
+    "stressed_no_bs": Variant(
+        "no backward simulation, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, _NO_BS, _TTUR1), "stressed"
+    ),
+    "stressed_isg": Variant("+ISG (L2, w 1), TTUR 1 (stressed)", (_NO_IDA, _NO_GAN, _TTUR1), "stressed"),
+    "stressed_isg_charbonnier": Variant(
+        "+ISG (Charbonnier, w 1), TTUR 1 (stressed)", (_NO_IDA, _NO_GAN, _CHARBONNIER, _TTUR1), "stressed_isg"
+    ),
+    "high_lr_no_bs": Variant(
+        "no backward simulation, LR 5e-4 (stressed)",
+        (_NO_IDA, _NO_ISG, _NO_GAN, _NO_BS, *_HIGH_LR),
+        "high_lr",
+    ),
+    "high_lr_isg": Variant("+ISG (L2, w 1), LR 5e-4 (stressed)", (_NO_IDA, _NO_GAN, *_HIGH_LR), "high_lr"),
+    "high_lr_isg_charbonnier": Variant(
+        "+ISG (Charbonnier, w 1), LR 5e-4 (stressed)",
+        (_NO_IDA, _NO_GAN, _CHARBONNIER, *_HIGH_LR),
+        "high_lr_isg",
+    ),
+    "high_lr_full": Variant("full, LR 5e-4 (stressed)", _HIGH_LR, "high_lr"),
     # The official code's quirk: the generator's adversarial gradient stays in D's heads' .grad and
     # is added to D's next update (the recipe, like the schema's default, leaves it off).
     "full_leak": Variant("full, official grad leak", ("method.gan.official_grad_leak=true",), "full"),
@@ -114,6 +134,14 @@ SETS: dict[str, VariantSet] = {
             "full",
             "full_charbonnier",
             "full_no_gan_charbonnier",
+            # not yet run (docs/results/toy_ablation_stressed.md lists the arms it has)
+            "stressed_no_bs",
+            "stressed_isg",
+            "stressed_isg_charbonnier",
+            "high_lr_no_bs",
+            "high_lr_isg",
+            "high_lr_isg_charbonnier",
+            "high_lr_full",
         ),
         BASELINE,
         "toy_ablation_stressed",
