@@ -163,3 +163,36 @@ def test_plot_palette_draws_each_variant_of_a_set_in_its_own_colour():
     from senseflow.experiments.toy.ablate_plots import PALETTE
 
     assert len(set(PALETTE)) == len(PALETTE) >= max(len(s.variants) for s in SETS.values())
+
+
+def test_ablate_jobs_runs_children_with_the_serial_results(tiny_teacher_dir, tmp_path, capsys):
+    """--jobs 2 trains and measures each (variant, seed) in a child process; the report then reads
+    their caches and equals a serial run's, every number but the timings."""
+    torch.set_num_threads(1)
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main([*_args(tiny_teacher_dir, serial), "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main([*_args(tiny_teacher_dir, parallel), "--threads", "1", "--jobs", "2"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("started ") == 2 and log.count(": exit 0") == 2
+    assert log.count("skip training") == 2 and log.count("skip measuring") == 2  # the children did both
+    child_log = (parallel / "runs" / "logs" / "full_seed0.log").read_text()
+    assert "measured " in child_log and "full/seed0" in child_log
+    a, b = (json.loads((d / "out" / "toy_ablation.json").read_text()) for d in (serial, parallel))
+    for ra, rb in zip(a["runs"], b["runs"], strict=True):
+        for key in ("fid", "accuracy", "coverage", "diversity", "curve"):
+            assert ra[key] == rb[key], key
+    assert a["command"].replace(str(serial), "") == b["command"].replace(str(parallel), "")
+
+
+def test_ablate_jobs_reports_a_failed_child(tiny_teacher_dir, tmp_path, capsys):
+    from senseflow.cli import RUNTIME
+
+    args = [*_args(tiny_teacher_dir, tmp_path), "--jobs", "2"]
+    args.remove("vanilla")  # one run, which fails: its folder holds an unreadable configuration
+    (tmp_path / "runs" / "full" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "full" / "seed0" / "config.yaml").write_text("seed: 5\n")
+    assert main(args) == RUNTIME
+    assert "error: " in (tmp_path / "runs" / "logs" / "full_seed0.log").read_text()  # the child's own
+    err = capsys.readouterr().err
+    assert "--jobs: 1 run(s) failed: full seed 0" in err and "full_seed0.log" in err

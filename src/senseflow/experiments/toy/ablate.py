@@ -126,6 +126,50 @@ def read_log(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return curves
 
 
+def _child_argv(args: argparse.Namespace, variant: str, seed: int, out: Path) -> list[str]:
+    """This command's arguments for one (variant, seed): that run trained and measured, no figures."""
+    argv = ["toy", "ablate", "--set", args.set, "--seeds", str(seed), "--variants", variant]
+    argv += [str(part) for flag, value in _options(args) for part in (flag, value)]
+    argv += ["--out", str(out), "--no-figures", "--quiet"]
+    return argv + (["--threads", str(args.threads)] if args.threads else [])
+
+
+def run_in_parallel(args: argparse.Namespace, runs: list[tuple[str, int]], logs: Path) -> None:
+    """Train and measure ``runs`` ((variant, seed) pairs) in ``args.jobs`` child processes of this
+    command at a time, each writing its output to ``logs/<variant>_seed<k>.log``; the report is then
+    assembled from their cached checkpoints and measurements. On a GPU the children share it (many
+    small runs keep it busier together; NVIDIA's MPS lets their kernels overlap)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(runs), {}, []
+    with tempfile.TemporaryDirectory(prefix="ablate_child_") as tmp:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                v, s = pending.pop(0)
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "senseflow.cli",
+                    *_child_argv(args, v, s, Path(tmp) / f"{v}_{s}"),
+                ]
+                log = (logs / f"{v}_seed{s}.log").open("w")
+                running[v, s] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"started {v} seed {s} (log {logs / f'{v}_seed{s}.log'})", flush=True)
+            time.sleep(0.5)
+            for key, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[key]
+                    print(f"finished {key[0]} seed {key[1]}: exit {proc.returncode}", flush=True)
+                    if proc.returncode:
+                        failed.append(f"{key[0]} seed {key[1]} ({logs / f'{key[0]}_seed{key[1]}.log'})")
+    if failed:
+        raise RuntimeError(f"--jobs: {len(failed)} run(s) failed: {'; '.join(failed)}")
+
+
 def run_ablation(args: argparse.Namespace) -> Path:
     import torch
 
@@ -153,6 +197,7 @@ def run_ablation(args: argparse.Namespace) -> Path:
         base.append(f"data.batch_size={args.batch_size}")
     base_cfg = load_config(recipe, base)
     inputs.at_least(args.curve_every, 1, "--curve-every")
+    inputs.at_least(args.jobs, 1, "--jobs")
     kept = math.ceil(base_cfg.schedule.iterations / args.curve_every)
     base += [f"checkpoint.every={args.curve_every}", f"checkpoint.keep_last={kept}"]
     teacher_folder = base_cfg.model.teacher
@@ -167,6 +212,8 @@ def run_ablation(args: argparse.Namespace) -> Path:
         teacher_folder, prompts, key_base, runs / "reference", picks, div
     )
 
+    if args.jobs > 1:  # the runs first, in child processes; the loop below then finds them cached
+        run_in_parallel(args, [(v, s) for v in args.variants for s in args.seeds], runs / "logs")
     records, curves, quality_curves, grid_rows = [], {}, {}, {"teacher": teacher_picks}
     for v in args.variants:
         per_seed = []
@@ -278,12 +325,9 @@ def machine_note(device_spec: str) -> str:
     return f"trained on {trained}; CPU {cpu}, {os.cpu_count()} cores"
 
 
-def command_line(args: argparse.Namespace) -> str:
-    parts = ["senseflow", "toy", "ablate"]
-    if args.set != DEFAULT_SET:
-        parts += ["--set", args.set]
-    parts += ["--seeds", *map(str, args.seeds), "--variants", *args.variants]
-    for flag, value in (
+def _options(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The options that shape the runs and their measurement, as given (None: left out)."""
+    pairs = (
         ("--config", args.config),
         ("--teacher", args.teacher),
         ("--iterations", args.iterations),
@@ -294,10 +338,16 @@ def command_line(args: argparse.Namespace) -> str:
         ("--diversity-prompts", args.diversity_prompts),
         ("--diversity-seeds", args.diversity_seeds),
         ("--runs", args.runs),
-        ("--out", args.out),
-    ):
-        if value is not None:
-            parts += [flag, str(value)]
+    )
+    return [(flag, value) for flag, value in pairs if value is not None]
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["senseflow", "toy", "ablate"]
+    if args.set != DEFAULT_SET:
+        parts += ["--set", args.set]
+    parts += ["--seeds", *map(str, args.seeds), "--variants", *args.variants]
+    parts += [str(part) for flag, value in [*_options(args), ("--out", args.out)] for part in (flag, value)]
     if args.no_figures:
         parts.append("--no-figures")
     return shlex.join(parts)
@@ -341,6 +391,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", default="runs/toy_ablation", help="training runs and the reference cache")
     p.add_argument("--out", default="docs/results", help="folder of the report (<stem>.md/.json, PNGs)")
     p.add_argument("--no-figures", action="store_true", help="markdown and JSON only, no PNGs")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads, also each child's (default: torch's)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="(variant, seed) runs trained and measured at a time, each in a child process "
+        "(default 1: one after another in this process)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)
