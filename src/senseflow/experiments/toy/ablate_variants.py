@@ -116,7 +116,7 @@ SETS: dict[str, VariantSet] = {
         "toy_grad_leak",
     ),
     # The arms that toy_ablation.md leaves out, all trained on one machine with their own vanilla
-    # baseline (listed first: the order a time-boxed run completes them in).
+    # baseline (listed first); --jobs starts them in this order, the most telling first.
     "stressed": VariantSet(
         "the fake score under stress (TTUR 1, a 5x learning rate), backward simulation and ISG weights",
         (
