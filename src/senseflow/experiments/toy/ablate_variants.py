@@ -134,7 +134,7 @@ SETS: dict[str, VariantSet] = {
             "full",
             "full_charbonnier",
             "full_no_gan_charbonnier",
-            # not yet run (docs/results/toy_ablation_stressed.md lists the arms it has)
+            # the rest of the grid (docs/results/toy_ablation_stressed.md says which of these ran)
             "stressed_no_bs",
             "stressed_isg",
             "stressed_isg_charbonnier",
