@@ -155,17 +155,22 @@ def run_in_parallel(args: argparse.Namespace, runs: list[tuple[str, int]], logs:
                     "senseflow.cli",
                     *_child_argv(args, v, s, Path(tmp) / f"{v}_{s}"),
                 ]
-                log = (logs / f"{v}_seed{s}.log").open("w")
-                running[v, s] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log)
-                print(f"started {v} seed {s} (log {logs / f'{v}_seed{s}.log'})", flush=True)
+                path = logs / f"{v}_seed{s}.log"
+                log = path.open("w")
+                running[f"{v} seed {s}"] = (
+                    subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT),
+                    log,
+                    path,
+                )
+                print(f"started {v} seed {s} (log {path})", flush=True)
             time.sleep(0.5)
-            for key, (proc, log) in list(running.items()):
+            for name, (proc, log, path) in list(running.items()):
                 if proc.poll() is not None:
                     log.close()
-                    del running[key]
-                    print(f"finished {key[0]} seed {key[1]}: exit {proc.returncode}", flush=True)
+                    del running[name]
+                    print(f"finished {name}: exit {proc.returncode}", flush=True)
                     if proc.returncode:
-                        failed.append(f"{key[0]} seed {key[1]} ({logs / f'{key[0]}_seed{key[1]}.log'})")
+                        failed.append(f"{name} ({path})")
     if failed:
         raise RuntimeError(f"--jobs: {len(failed)} run(s) failed: {'; '.join(failed)}")
 

@@ -127,7 +127,6 @@ _QUALITY_COLUMNS = (
     ("seconds_per_iteration", 1, 3),
 )
 _COVERAGE_COLUMNS = tuple((key, 1, digits) for key, digits in COVERAGE_COLUMNS)
-_COVERAGE_HEAD = COVERAGE_HEAD
 
 
 def _row_values(row: dict) -> dict:
@@ -142,7 +141,7 @@ def _per_seed(payload: dict) -> list[str]:
     """One row per run: every number the summary's means and stds are taken over."""
     lines = [
         "| variant | seed | FID-T ↓ | FID vs renders ↓ | accuracy, all (%) | held-out (%) | s / iteration "
-        + _COVERAGE_HEAD
+        + COVERAGE_HEAD
         + "\n|"
         + "---|" * 13
     ]
@@ -164,7 +163,7 @@ def markdown(payload: dict, figures: dict[str, str]) -> str:
         "| variant | FID-T ↓ | FID vs renders ↓ | accuracy, all (%) | held-out (%) "
         f"| s / iteration | time vs {baseline} |\n|" + "---|" * 7
     )
-    lines, cov_lines = [head], ["| variant " + _COVERAGE_HEAD + "\n|" + "---|" * 7]
+    lines, cov_lines = [head], ["| variant " + COVERAGE_HEAD + "\n|" + "---|" * 7]
     over_lines = ["| variant | overrides on the recipe |\n|---|---|"]
     for v in payload["variants"]:
         r = s[v]
@@ -179,7 +178,7 @@ def markdown(payload: dict, figures: dict[str, str]) -> str:
         over_lines.append(f"| {VARIANTS[v].label} | {overrides} |")
     ref_lines = [
         "| reference | FID-T | FID vs renders | accuracy, all (%) | held-out (%) "
-        + _COVERAGE_HEAD
+        + COVERAGE_HEAD
         + "\n|"
         + "---|" * 11
     ]

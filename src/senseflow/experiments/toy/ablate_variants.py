@@ -23,12 +23,13 @@ _NO_BS = "method.backward_sim_prob=0"
 _CHARBONNIER = "method.isg.loss=charbonnier"  # the official SD3.5 code's ISG loss (eps 1e-3)
 _TTUR1 = "method.ttur_ratio=1"  # one fake-score update per generator update: the fake score lags
 _HIGH_LR = ("optim.generator.lr=5e-4", "optim.fake.lr=5e-4")  # 5x the recipe's: G outruns the fake score
+_VANILLA = (_NO_IDA, _NO_ISG, _NO_GAN)  # DMD2 with backward simulation, none of SenseFlow's terms
 
 #: name -> recipe overrides on configs/toy/distill.yaml (the recipe itself is the full method, with
 #: the paper's squared-L2 ISG at weight 1).
 VARIANTS: dict[str, Variant] = {
-    "no_bs": Variant("DMD2, no backward simulation", (_NO_IDA, _NO_ISG, _NO_GAN, _NO_BS), "vanilla"),
-    "vanilla": Variant("vanilla DMD2", (_NO_IDA, _NO_ISG, _NO_GAN)),
+    "no_bs": Variant("DMD2, no backward simulation", (*_VANILLA, _NO_BS), "vanilla"),
+    "vanilla": Variant("vanilla DMD2", _VANILLA),
     "ida": Variant("+IDA", (_NO_ISG, _NO_GAN), "vanilla"),
     "isg": Variant("+ISG (L2, w 1)", (_NO_IDA, _NO_GAN), "vanilla"),
     "isg_l2_w3": Variant("+ISG (L2, w 3)", (_NO_IDA, _NO_GAN, "method.isg.weight=3"), "isg"),
@@ -57,14 +58,14 @@ VARIANTS: dict[str, Variant] = {
     "full_no_gan_charbonnier": Variant(
         "full, Charbonnier ISG, no GAN", (_CHARBONNIER, _NO_GAN), "full_charbonnier"
     ),
-    "stressed": Variant("vanilla DMD2, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, _TTUR1), "vanilla"),
+    "stressed": Variant("vanilla DMD2, TTUR 1 (stressed)", (*_VANILLA, _TTUR1), "vanilla"),
     "stressed_ida": Variant("+IDA, TTUR 1 (stressed)", (_NO_ISG, _NO_GAN, _TTUR1), "stressed"),
     "stressed_full": Variant("full, TTUR 1 (stressed)", (_TTUR1,), "stressed"),
-    "high_lr": Variant("vanilla DMD2, LR 5e-4 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, *_HIGH_LR), "vanilla"),
+    "high_lr": Variant("vanilla DMD2, LR 5e-4 (stressed)", (*_VANILLA, *_HIGH_LR), "vanilla"),
     "high_lr_ida": Variant("+IDA, LR 5e-4 (stressed)", (_NO_ISG, _NO_GAN, *_HIGH_LR), "high_lr"),
     # the rest of the stress grid: backward simulation, ISG alone and the full recipe under stress
     "stressed_no_bs": Variant(
-        "no backward simulation, TTUR 1 (stressed)", (_NO_IDA, _NO_ISG, _NO_GAN, _NO_BS, _TTUR1), "stressed"
+        "no backward simulation, TTUR 1 (stressed)", (*_VANILLA, _NO_BS, _TTUR1), "stressed"
     ),
     "stressed_isg": Variant("+ISG (L2, w 1), TTUR 1 (stressed)", (_NO_IDA, _NO_GAN, _TTUR1), "stressed"),
     "stressed_isg_charbonnier": Variant(
@@ -72,7 +73,7 @@ VARIANTS: dict[str, Variant] = {
     ),
     "high_lr_no_bs": Variant(
         "no backward simulation, LR 5e-4 (stressed)",
-        (_NO_IDA, _NO_ISG, _NO_GAN, _NO_BS, *_HIGH_LR),
+        (*_VANILLA, _NO_BS, *_HIGH_LR),
         "high_lr",
     ),
     "high_lr_isg": Variant("+ISG (L2, w 1), LR 5e-4 (stressed)", (_NO_IDA, _NO_GAN, *_HIGH_LR), "high_lr"),
