@@ -300,6 +300,8 @@ CASES = [
     case("toy-ablate-seeds-not-numbers", "toy ablate --seeds abc", "--seeds"),
     case("toy-ablate-curve-every-zero", "toy ablate --curve-every 0", "--curve-every"),
     case("toy-ablate-jobs-zero", "toy ablate --jobs 0", "--jobs"),
+    case("toy-ablate-name-with-folder", "toy ablate --name ../report", "--name"),
+    case("toy-ablate-name-with-extension", "toy ablate --name report.md", "--name"),
     case("toy-ablate-diversity-seeds-one", "toy ablate --diversity-seeds 1", "--diversity-seeds"),
     case("toy-curve-no-run", "toy curve --out {tmp}/c.md", "--run"),
     case("toy-curve-run-missing", "toy curve --run {tmp}/nope --out {tmp}/c.md", "nope"),

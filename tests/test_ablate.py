@@ -95,6 +95,18 @@ def test_ablate_writes_report_and_resumes(tiny_teacher_dir, tmp_path, capsys):
     assert final.stat().st_mtime_ns == stamp
     assert json.loads((out / "toy_ablation.json").read_text())["summary"] == payload["summary"]
 
+    # --name writes a second report beside the first; without the set's baseline (vanilla) among
+    # the variants, the first variant given is the baseline of the timing column.
+    args = _args(tiny_teacher_dir, tmp_path)
+    args.remove("vanilla")
+    assert main([*args, "--name", "full_only"]) == 0
+    other = json.loads((out / "full_only.json").read_text())
+    assert other["baseline"] == "full" and other["summary"]["full"]["time_vs_baseline"] == 1.0
+    assert other["summary"]["full"]["fid_teacher"] == payload["summary"]["full"]["fid_teacher"]
+    assert (out / "full_only_quality.png").is_file() and (out / "full_only_samples.png").is_file()
+    assert "--name full_only" in other["command"] and "time vs full" in (out / "full_only.md").read_text()
+    assert json.loads((out / "toy_ablation.json").read_text())["summary"] == payload["summary"]  # kept
+
 
 def test_ablate_rejects_unknown_variant(tiny_teacher_dir, tmp_path, capsys):
     args = _args(tiny_teacher_dir, tmp_path)

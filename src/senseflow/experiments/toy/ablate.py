@@ -16,7 +16,8 @@ interrupted one continues from its newest checkpoint), and a measured checkpoint
 again. Training runs hold checkpoints, so they live under ``--runs`` (default ``runs/toy_ablation``,
 ignored by git); the report (markdown, JSON, training and quality curves, sample grid) goes to
 ``--out``. ``--set`` picks the report (:data:`SETS`): its default variants, timing baseline, title
-and file names.
+and file names (``--name`` renames the files; a run without the set's baseline among its variants
+takes its first variant as the baseline).
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def run_ablation(args: argparse.Namespace) -> Path:
         raise ValueError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     if not args.seeds:
         raise ValueError("--seeds: give at least one seed")
+    name = report_name(args.name, vset.stem)
+    baseline = vset.baseline if vset.baseline in args.variants else args.variants[0]
     recipe, runs, out = Path(args.config or "toy/distill"), Path(args.runs), Path(args.out)
     base = list(RUN_OVERRIDES)
     if args.teacher:
@@ -264,20 +267,20 @@ def run_ablation(args: argparse.Namespace) -> Path:
         }
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / vset.stem
+    stem = out / name
     curves_png = grid_png = quality_png = None
     if not args.no_figures:
         labels = {v: VARIANTS[v].label for v in curves}
-        curves_png = plot_curves(curves, labels, stem.with_name(f"{vset.stem}_curves.png"))
+        curves_png = plot_curves(curves, labels, stem.with_name(f"{name}_curves.png"))
         levels = {row["name"].split(" (")[0]: quality_point(row) for row in ref_rows}
-        quality_png = plot_quality(quality_curves, labels, stem.with_name(f"{vset.stem}_quality.png"), levels)
+        quality_png = plot_quality(quality_curves, labels, stem.with_name(f"{name}_quality.png"), levels)
         if len(picks):
-            grid_png = _grid(grid_rows, stem.with_name(f"{vset.stem}_samples.png"))
+            grid_png = _grid(grid_rows, stem.with_name(f"{name}_samples.png"))
     payload = {
         "command": command_line(args),
         "set": args.set,
         "title": vset.title,
-        "baseline": vset.baseline,
+        "baseline": baseline,
         "recipe": str(recipe),
         "teacher": str(teacher_folder) if teacher_folder else "shipped toy teacher",
         "teacher_sha256": teacher_sha256(teacher_folder),
@@ -293,8 +296,8 @@ def run_ablation(args: argparse.Namespace) -> Path:
         "diversity": {"prompts": div.prompts, "seeds_per_prompt": div.seeds},
         "variant_overrides": {v: list(VARIANTS[v].overrides) for v in args.variants},
         "run_overrides": base[: len(RUN_OVERRIDES)] + base[-2:],  # logging and the curve's checkpoints
-        "summary": summarise(records, list(args.variants), vset.baseline),
-        "paired": paired_tests(records, list(args.variants), vset.baseline),
+        "summary": summarise(records, list(args.variants), baseline),
+        "paired": paired_tests(records, list(args.variants), baseline),
         "reference": ref_rows,
         "runs": records,
         "json": stem.with_suffix(".json").name,
@@ -307,6 +310,16 @@ def run_ablation(args: argparse.Namespace) -> Path:
     md.write_text(markdown(payload, {k: p.name for k, p in figures.items() if p is not None}))
     print(f"ablation written to {md}", flush=True)
     return md
+
+
+def report_name(name: str | None, default: str) -> str:
+    """The report's file stem: ``--name`` if given (a plain file name: several reports of one set,
+    from other machines or seeds, can sit side by side in one folder), else the set's."""
+    if name is None:
+        return default
+    if not name or name != Path(name).name or name.startswith(".") or Path(name).suffix:
+        raise ValueError(f"--name: expected a file name without folder or extension, got {name!r}")
+    return name
 
 
 def machine_note(device_spec: str) -> str:
@@ -353,6 +366,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--set", args.set]
     parts += ["--seeds", *map(str, args.seeds), "--variants", *args.variants]
     parts += [str(part) for flag, value in [*_options(args), ("--out", args.out)] for part in (flag, value)]
+    if args.name:
+        parts += ["--name", args.name]
     if args.no_figures:
         parts.append("--no-figures")
     return shlex.join(parts)
@@ -395,6 +410,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--runs", default="runs/toy_ablation", help="training runs and the reference cache")
     p.add_argument("--out", default="docs/results", help="folder of the report (<stem>.md/.json, PNGs)")
+    p.add_argument(
+        "--name",
+        help="file name of the report without extension (default: the set's, e.g. toy_ablation_stressed)",
+    )
     p.add_argument("--no-figures", action="store_true", help="markdown and JSON only, no PNGs")
     p.add_argument("--threads", type=int, help="torch.set_num_threads, also each child's (default: torch's)")
     p.add_argument(
