@@ -27,6 +27,13 @@ def at_least(value: float | None, minimum: int, option: str) -> None:
         raise UsageError(f"too small ({option} {value}): give a whole number of at least {minimum}")
 
 
+def distinct(values: list, option: str) -> None:
+    """No value of ``values`` (a list option: seeds, variants) is given twice."""
+    repeated = [str(v) for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise UsageError(f"repeated ({option} {' '.join(dict.fromkeys(repeated))}): give each value once")
+
+
 def finite(value: float | None, option: str, minimum: float | None = None) -> None:
     """``value`` (when given) is a finite number, at least ``minimum``."""
     if value is None:

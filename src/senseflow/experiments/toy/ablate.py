@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from senseflow import inputs
+from senseflow.errors import UsageError
 from senseflow.experiments.toy.ablate_measure import Diversity, measure_run, read_json, reference
 from senseflow.experiments.toy.ablate_plots import (
     CURVES,
@@ -183,8 +184,6 @@ def run_ablation(args: argparse.Namespace) -> Path:
     from senseflow.experiments.toy.report import teacher_sha256
     from senseflow.metrics.shapes.quality import PromptSet
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     vset = SETS[args.set]
     if args.variants is None:
         args.variants = list(vset.variants)
@@ -193,15 +192,29 @@ def run_ablation(args: argparse.Namespace) -> Path:
         raise ValueError(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     if not args.seeds:
         raise ValueError("--seeds: give at least one seed")
+    inputs.distinct(args.variants, "--variants")
+    inputs.distinct(args.seeds, "--seeds")
+    for seed in args.seeds:
+        inputs.seed(seed, "--seeds")
+    inputs.seed(args.prompt_seed, "--prompt-seed")
+    for value, option in (
+        (args.iterations, "--iterations"),
+        (args.batch_size, "--batch-size"),
+        (args.per_split, "--per-split"),
+        (args.threads, "--threads"),
+    ):
+        inputs.at_least(value, 1, option)
     name = report_name(args.name, vset.stem)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     baseline = vset.baseline if vset.baseline in args.variants else args.variants[0]
     recipe, runs, out = Path(args.config or "toy/distill"), Path(args.runs), Path(args.out)
     base = list(RUN_OVERRIDES)
     if args.teacher:
         base.append(f"model.teacher={args.teacher}")
-    if args.iterations:
+    if args.iterations is not None:
         base.append(f"schedule.iterations={args.iterations}")
-    if args.batch_size:
+    if args.batch_size is not None:
         base.append(f"data.batch_size={args.batch_size}")
     base_cfg = load_config(recipe, base)
     inputs.at_least(args.curve_every, 1, "--curve-every")
@@ -318,7 +331,7 @@ def report_name(name: str | None, default: str) -> str:
     if name is None:
         return default
     if not name or name != Path(name).name or name.startswith(".") or Path(name).suffix:
-        raise ValueError(f"--name: expected a file name without folder or extension, got {name!r}")
+        raise UsageError(f"--name: expected a file name without folder or extension, got {name!r}")
     return name
 
 
