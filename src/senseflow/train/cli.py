@@ -53,6 +53,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     init_distributed(cfg.parallel.device, cfg.parallel.timeout_minutes)
     try:
         logs = Distiller(cfg, progress=not args.quiet).run()
+        if dist.is_initialized():  # every rank done before any tears its connections down
+            dist.barrier()
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"done: {cfg.schedule.iterations} iterations in {cfg.output_dir}; last log {logs}")
     except (dist.DistError, RuntimeError) as exc:
