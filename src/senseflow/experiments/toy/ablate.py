@@ -284,11 +284,11 @@ def run_ablation(args: argparse.Namespace) -> Path:
     curves_png = grid_png = quality_png = None
     if not args.no_figures:
         labels = {v: VARIANTS[v].label for v in curves}
-        curves_png = plot_curves(curves, labels, stem.with_name(f"{name}_curves.png"))
+        curves_png = plot_curves(curves, labels, out / f"{name}_curves.png")
         levels = {row["name"].split(" (")[0]: quality_point(row) for row in ref_rows}
-        quality_png = plot_quality(quality_curves, labels, stem.with_name(f"{name}_quality.png"), levels)
+        quality_png = plot_quality(quality_curves, labels, out / f"{name}_quality.png", levels)
         if len(picks):
-            grid_png = _grid(grid_rows, stem.with_name(f"{name}_samples.png"))
+            grid_png = _grid(grid_rows, out / f"{name}_samples.png")
     payload = {
         "command": command_line(args),
         "set": args.set,

@@ -135,7 +135,7 @@ SETS: dict[str, VariantSet] = {
             "full",
             "full_charbonnier",
             "full_no_gan_charbonnier",
-            # the rest of the grid (docs/results/toy_ablation_stressed.md says which of these ran)
+            # the rest of the grid (trained for docs/results/toy_ablation_stressed_cpu.md)
             "stressed_no_bs",
             "stressed_isg",
             "stressed_isg_charbonnier",
